@@ -1,0 +1,16 @@
+/*
+ * yaml_json.h: read YAML or JSON files into jansson values.
+ */
+#ifndef TPMAIL_YAML_JSON_H
+#define TPMAIL_YAML_JSON_H
+
+#include <jansson.h>
+
+#define YAML_JSON_MAX_FILE	(4 * 1024 * 1024)
+
+/* Every document of a YAML stream, as a JSON array; NULL with err set. */
+json_t	*yaml_to_json(const char *buf, size_t len, char *err, size_t errsz);
+/* A .json file (one value, or an array of objects) or a YAML file. */
+json_t	*yaml_json_load_file(const char *path, char *err, size_t errsz);
+
+#endif

@@ -1,0 +1,152 @@
+/*
+ * config.c: the tenant proxy's view of its service configuration, built from
+ * the supervisor's MSG_CONFIG/MSG_UPDATE body.  The supervisor validated the
+ * destination; this only checks the shape, since a malformed message from the
+ * supervisor is a bug and fatal.  A configuration is reference counted: an
+ * update applies to new sessions while open ones keep theirs.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "log.h"
+#include "params.h"
+#include "proxy.h"
+#include "secret.h"
+
+static int
+get_int(json_t *obj, const char *key, int def, int min, int max, int *out)
+{
+	json_t	*v = json_object_get(obj, key);
+
+	if (v == NULL || json_is_null(v)) {
+		*out = def;
+		return 0;
+	}
+	if (!json_is_integer(v) || json_integer_value(v) < min ||
+	    json_integer_value(v) > max)
+		return -1;
+	*out = (int)json_integer_value(v);
+	return 0;
+}
+
+static char *
+get_str(json_t *obj, const char *key)
+{
+	const char	*s = json_string_value(json_object_get(obj, key));
+
+	return s ? strdup(s) : NULL;
+}
+
+static const struct {
+	const char	*name;
+	int		 value;
+} tls_names[] = {
+	{ "none", UPSTREAM_TLS_NONE },
+	{ "implicit", UPSTREAM_TLS_IMPLICIT },
+	{ "starttls", UPSTREAM_TLS_STARTTLS },
+	{ "starttls-required", UPSTREAM_TLS_STARTTLS_REQUIRED },
+}, auth_names[] = {
+	{ "none", UPSTREAM_AUTH_NONE },
+	{ "auto", UPSTREAM_AUTH_AUTO },
+	{ "user", UPSTREAM_AUTH_USER },
+	{ "apop", UPSTREAM_AUTH_APOP },
+	{ "plain", UPSTREAM_AUTH_PLAIN },
+	{ "login", UPSTREAM_AUTH_LOGIN },
+};
+
+static int
+lookup_name(const char *s, int which, int *out)
+{
+	size_t	i, n = which ? sizeof(auth_names) / sizeof(auth_names[0]) :
+		    sizeof(tls_names) / sizeof(tls_names[0]);
+
+	for (i = 0; s != NULL && i < n; i++) {
+		if (strcmp(s, which ? auth_names[i].name : tls_names[i].name) == 0) {
+			*out = which ? auth_names[i].value : tls_names[i].value;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Build a configuration from a CONFIG body; NULL with *err on bad shape. */
+struct proxy_config *
+config_parse(json_t *body, const char **err)
+{
+	struct proxy_config	*c;
+	json_t			*up, *auth, *lim;
+	int			 v;
+
+	if ((c = calloc(1, sizeof(*c))) == NULL) {
+		*err = "out of memory";
+		return NULL;
+	}
+	c->refs = 1;
+	up = json_object_get(body, "upstream");
+	auth = json_object_get(body, "auth");
+	lim = json_object_get(body, "limits");
+	c->service = get_str(body, "service");
+	c->host = get_str(up, "host");
+	c->cafile = get_str(up, "cafile");
+	c->user = get_str(auth, "user");
+	c->password = get_str(auth, "password");
+	*err = NULL;
+	if (c->service == NULL || c->host == NULL)
+		*err = "service or upstream.host missing";
+	else if (get_int(up, "port", 0, 1, 65535, &c->port) || c->port == 0)
+		*err = "upstream.port invalid";
+	else if (lookup_name(json_string_value(json_object_get(up, "tls")),
+	    0, &v))
+		*err = "upstream.tls invalid";
+	else if ((c->tls = v, 0) || lookup_name(
+	    json_string_value(json_object_get(auth, "method")), 1, &v))
+		*err = "auth.method invalid";
+	else if ((c->auth = v, 0) ||
+	    (c->auth != UPSTREAM_AUTH_NONE && c->user == NULL))
+		*err = "auth.user missing";
+	else if ((c->verify_host = !json_is_false(json_object_get(up,
+	    "verify_host")), 0) || get_int(lim, "connect_timeout", PARAM_CONNECT_TIMEOUT, 1, 3600,
+	    &c->connect_timeout) ||
+	    get_int(lim, "auth_timeout", PARAM_AUTH_TIMEOUT, 1, 3600,
+	    &c->auth_timeout) ||
+	    get_int(lim, "idle_timeout", PARAM_IDLE_TIMEOUT, 1, 86400,
+	    &c->idle_timeout) ||
+	    get_int(lim, "max_sessions", PARAM_MAX_SESSIONS, 1, 1000000,
+	    &c->max_sessions) ||
+	    get_int(lim, "max_line", PARAM_MAX_LINE, 64, 1 << 20,
+	    &c->max_line) ||
+	    get_int(lim, "max_buffer", PARAM_MAX_BUFFER, 4096, 1 << 30,
+	    &c->max_buffer))
+		*err = "limits invalid";
+	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE) {
+		c->ssl_ctx = tls_ctx_new(c->cafile, err);
+	}
+	if (*err != NULL) {
+		config_unref(c);
+		return NULL;
+	}
+	return c;
+}
+
+void
+config_ref(struct proxy_config *c)
+{
+	c->refs++;
+}
+
+void
+config_unref(struct proxy_config *c)
+{
+	if (c == NULL || --c->refs > 0)
+		return;
+	free(c->service);
+	free(c->host);
+	free(c->cafile);
+	free(c->user);
+	secret_free(c->password);
+	if (c->ssl_ctx != NULL)
+		SSL_CTX_free(c->ssl_ctx);
+	free(c);
+}

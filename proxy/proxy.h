@@ -1,0 +1,106 @@
+/*
+ * proxy.h: the tenant proxy (tpmail-pop3), one process per tenant service.
+ */
+#ifndef TPMAIL_PROXY_H
+#define TPMAIL_PROXY_H
+
+#include <sys/queue.h>
+#include <jansson.h>
+#include <event2/event.h>
+#include <event2/bufferevent.h>
+#include <openssl/ssl.h>
+
+#include "pop3_parse.h"
+
+enum upstream_tls {
+	UPSTREAM_TLS_NONE,
+	UPSTREAM_TLS_IMPLICIT,		/* POP3S */
+	UPSTREAM_TLS_STARTTLS,		/* STLS when offered */
+	UPSTREAM_TLS_STARTTLS_REQUIRED,	/* STLS or fail */
+};
+
+enum upstream_auth {
+	UPSTREAM_AUTH_NONE,	/* mail.<p>.auth false */
+	UPSTREAM_AUTH_AUTO,	/* USER/PASS, else SASL PLAIN, else LOGIN */
+	UPSTREAM_AUTH_USER,
+	UPSTREAM_AUTH_APOP,
+	UPSTREAM_AUTH_PLAIN,
+	UPSTREAM_AUTH_LOGIN,
+};
+
+/* One service's configuration, as received in MSG_CONFIG / MSG_UPDATE. */
+struct proxy_config {
+	int			 refs;		/* sessions keep the config they began with */
+	char			*service;	/* namespace/name */
+	char			*host;
+	int			 port;
+	enum upstream_tls	 tls;
+	char			*cafile;	/* NULL: system trust */
+	int			 verify_host;
+	enum upstream_auth	 auth;
+	char			*user;
+	char			*password;	/* wiped on free */
+	int			 connect_timeout;
+	int			 auth_timeout;
+	int			 idle_timeout;
+	int			 max_sessions;
+	int			 max_line;
+	int			 max_buffer;
+	SSL_CTX			*ssl_ctx;	/* built once per config */
+};
+
+struct proxy {
+	struct event_base	*base;
+	struct evdns_base	*dns;
+	struct proxy_config	*cfg;
+	struct evconnlistener	*listener;
+	struct event		*chan_ev;
+	struct event		*accept_pause;
+	struct event		*drain_timer;
+	int			 chan;
+	int			 draining;
+	unsigned int		 active;
+	unsigned long		 total;
+	unsigned long		 failed;
+	unsigned long		 next_id;
+};
+
+extern struct proxy	*proxy;
+
+/* config.c */
+struct proxy_config	*config_parse(json_t *, const char **);
+void			 config_ref(struct proxy_config *);
+void			 config_unref(struct proxy_config *);
+
+/* main.c */
+void	proxy_session_opened(void);
+void	proxy_session_closed(int failed, const char *error);
+
+/* listener.c */
+void	listener_start(int fd);
+void	listener_stop(void);
+
+/* session.c */
+struct session;
+void	session_new(int fd, struct proxy_config *);
+void	session_upstream_ready(struct session *);
+void	session_upstream_failed(struct session *, const char *code,
+	    const char *reason);
+void	session_upstream_read(struct session *);
+void	session_upstream_event(struct session *, short);
+unsigned long	session_id(struct session *);
+
+/* upstream.c */
+struct upstream;
+struct upstream	*upstream_start(struct session *, struct proxy_config *);
+struct bufferevent *upstream_bev(struct upstream *);
+const char	*upstream_capa(struct upstream *);
+int		 upstream_pipelining(struct upstream *);
+void		 upstream_free(struct upstream *);
+
+/* tls.c */
+SSL_CTX	*tls_ctx_new(const char *cafile, const char **err);
+SSL	*tls_ssl_new(struct proxy_config *);
+const char *tls_error_string(struct bufferevent *);
+
+#endif

@@ -1,0 +1,641 @@
+/*
+ * session.c: one client's POP3 session in the tenant proxy.  While the
+ * upstream login runs the client waits for its greeting; afterwards every
+ * client line goes through the command table: USER/PASS/APOP/AUTH/CAPA are
+ * answered here, the rest is relayed upstream in order, and replies are
+ * copied back byte for byte.  A FIFO of pending commands keeps replies in
+ * the client's order even when local answers and relayed ones are
+ * pipelined together.  QUIT is the only way a session ends with a QUIT
+ * upstream: a client that vanishes commits nothing.
+ * Runs unprivileged in the sandboxed tenant proxy.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/queue.h>
+#include <sys/time.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+
+#include "log.h"
+#include "params.h"
+#include "proxy.h"
+#include "secret.h"
+
+enum session_state {
+	SESSION_LOGIN,		/* upstream login in progress */
+	SESSION_RELAY,		/* client commands served */
+	SESSION_CLOSING,	/* flushing the last bytes to the client */
+	SESSION_DEAD,		/* freed on the next loop turn */
+};
+
+enum reply_state {
+	REPLY_STATUS,		/* waiting for the status line */
+	REPLY_BODY,		/* copying a multi-line body */
+};
+
+struct pending {
+	TAILQ_ENTRY(pending)	 pe_entry;
+	int			 pe_local;	/* pe_data is the reply */
+	int			 pe_sent;	/* relayed: written upstream */
+	int			 pe_multiline;
+	int			 pe_quit;
+	char			*pe_data;	/* local reply, or the line to relay */
+	size_t			 pe_len;
+};
+TAILQ_HEAD(pending_queue, pending);
+
+struct session {
+	unsigned long		 se_id;
+	enum session_state	 se_state;
+	struct proxy_config	*se_cfg;
+	struct bufferevent	*se_client;
+	struct upstream		*se_up;
+	struct bufferevent	*se_ubev;	/* upstream's, once ready */
+	struct pending_queue	 se_queue;
+	int			 se_npending;
+	int			 se_inflight;	/* relayed, reply not complete */
+	enum reply_state	 se_reply;
+	struct pop3_ml_scan	 se_scan;
+	int			 se_sasl_steps;	/* client SASL lines still to absorb */
+	int			 se_quit;	/* client sent QUIT */
+	int			 se_client_eof;	/* half-closed: replies still owed */
+	int			 se_client_gone;	/* cannot be written to */
+	int			 se_failed;
+	const char		*se_reason;
+	char			*se_capa;
+	struct timeval		 se_start;
+	unsigned long		 se_commands;
+	unsigned long		 se_bytes_up;	/* upstream -> client */
+	unsigned long		 se_bytes_down;	/* client -> upstream */
+};
+
+static void	session_pump(struct session *);
+static void	session_client_read(struct session *);
+static void	session_close(struct session *, int, const char *);
+static void	session_close_flush(struct session *, int, const char *);
+
+unsigned long
+session_id(struct session *s)
+{
+	return s->se_id;
+}
+
+static void
+session_enter_state(struct session *s, enum session_state st)
+{
+	static const char *const names[] = { "login", "relay", "closing", "dead" };
+
+	log_debug("session=%lu state %s -> %s", s->se_id, names[s->se_state],
+	    names[st]);
+	s->se_state = st;
+}
+
+/* Append a reply the proxy answers itself, in command order. */
+static void
+session_local(struct session *s, const char *reply)
+{
+	struct pending	*p;
+
+	if ((p = calloc(1, sizeof(*p))) == NULL ||
+	    (p->pe_data = strdup(reply)) == NULL) {
+		free(p);
+		session_close(s, 1, "out of memory");
+		return;
+	}
+	p->pe_local = 1;
+	p->pe_len = strlen(reply);
+	TAILQ_INSERT_TAIL(&s->se_queue, p, pe_entry);
+	s->se_npending++;
+}
+
+/* Append a command to relay: the line as the client wrote it, with CRLF. */
+static void
+session_relay(struct session *s, const struct pop3_cmd *cmd, const char *line,
+    size_t len)
+{
+	struct pending	*p;
+
+	if ((p = calloc(1, sizeof(*p))) == NULL ||
+	    (p->pe_data = malloc(len + 2)) == NULL) {
+		free(p);
+		session_close(s, 1, "out of memory");
+		return;
+	}
+	memcpy(p->pe_data, line, len);
+	memcpy(p->pe_data + len, "\r\n", 2);
+	p->pe_len = len + 2;
+	p->pe_multiline = cmd->multiline;
+	p->pe_quit = cmd->id == POP3_QUIT;
+	TAILQ_INSERT_TAIL(&s->se_queue, p, pe_entry);
+	s->se_npending++;
+}
+
+static void
+session_pending_free(struct session *s, struct pending *p)
+{
+	TAILQ_REMOVE(&s->se_queue, p, pe_entry);
+	s->se_npending--;
+	free(p->pe_data);
+	free(p);
+}
+
+/* The SASL exchange a client starts is answered here, whatever it carries. */
+static void
+session_auth(struct session *s, const struct pop3_cmd *cmd)
+{
+	char	mech[32];
+	size_t	ml;
+	int	ir;
+
+	if (cmd->nargs == 0) {
+		session_local(s, "+OK\r\nPLAIN\r\nLOGIN\r\nXOAUTH2\r\n.\r\n");
+		return;
+	}
+	for (ml = 0; ml < cmd->argslen && cmd->args[ml] != ' ' &&
+	    ml < sizeof(mech) - 1; ml++)
+		mech[ml] = cmd->args[ml];
+	mech[ml] = '\0';
+	ir = cmd->nargs == 2;
+	if (strcasecmp(mech, "PLAIN") == 0 || strcasecmp(mech, "XOAUTH2") == 0) {
+		if (ir)
+			session_local(s, "+OK Logged in.\r\n");
+		else {
+			session_local(s, "+ \r\n");
+			s->se_sasl_steps = 1;
+		}
+	} else if (strcasecmp(mech, "LOGIN") == 0) {
+		if (ir) {
+			session_local(s, "+ UGFzc3dvcmQ6\r\n");
+			s->se_sasl_steps = 1;
+		} else {
+			session_local(s, "+ VXNlcm5hbWU6\r\n");
+			s->se_sasl_steps = 2;
+		}
+	} else
+		session_local(s, "-ERR Unsupported authentication mechanism\r\n");
+}
+
+/* A SASL continuation line from the client: absorbed, never relayed. */
+static void
+session_sasl_line(struct session *s, const char *line, size_t len)
+{
+	s->se_sasl_steps--;
+	if (len == 1 && line[0] == '*') {
+		s->se_sasl_steps = 0;
+		session_local(s, "-ERR Authentication cancelled\r\n");
+	} else if (s->se_sasl_steps == 0)
+		session_local(s, "+OK Logged in.\r\n");
+	else
+		session_local(s, "+ UGFzc3dvcmQ6\r\n");
+}
+
+/* Handle one complete command line from the client. */
+static void
+session_command(struct session *s, char *line, size_t len)
+{
+	struct pop3_cmd	 cmd;
+	const char	*err;
+	char		 buf[128];
+
+	s->se_commands++;
+	if (s->se_sasl_steps > 0) {
+		session_sasl_line(s, line, len);
+		return;
+	}
+	if (pop3_parse_command(line, len, &cmd, &err) == -1) {
+		snprintf(buf, sizeof(buf), "-ERR %s\r\n", err);
+		session_local(s, buf);
+		return;
+	}
+	log_debug("session=%lu command=%s", s->se_id, cmd.name);
+	switch (cmd.id) {
+	case POP3_USER:
+		session_local(s, "+OK\r\n");
+		break;
+	case POP3_PASS:
+	case POP3_APOP:
+		session_local(s, "+OK Logged in.\r\n");
+		break;
+	case POP3_AUTH:
+		session_auth(s, &cmd);
+		break;
+	case POP3_CAPA:
+		session_local(s, s->se_capa);
+		break;
+	case POP3_STLS:
+		session_local(s, "-ERR STLS is not offered by this proxy\r\n");
+		break;
+	case POP3_QUIT:
+		s->se_quit = 1;
+		/* FALLTHROUGH */
+	default:
+		session_relay(s, &cmd, line, len);
+		break;
+	}
+}
+
+/* Read complete lines from the client, as many as the queue takes. */
+static void
+session_client_read(struct session *s)
+{
+	struct evbuffer		*in = bufferevent_get_input(s->se_client);
+	struct evbuffer_ptr	 eol;
+	size_t			 eol_len, len;
+	char			*line;
+
+	while (s->se_state == SESSION_RELAY && !s->se_quit &&
+	    s->se_npending < PARAM_MAX_PENDING) {
+		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
+		if (eol.pos == -1) {
+			if (evbuffer_get_length(in) >= (size_t)s->se_cfg->max_line) {
+				session_local(s, "-ERR Line too long\r\n");
+				session_pump(s);
+				session_close_flush(s, 1, "client line too long");
+			}
+			break;
+		}
+		len = eol.pos;
+		if (len + eol_len > (size_t)s->se_cfg->max_line) {
+			evbuffer_drain(in, len + eol_len);
+			session_local(s, "-ERR Line too long\r\n");
+			continue;
+		}
+		if ((line = malloc(len + 1)) == NULL) {
+			session_close(s, 1, "out of memory");
+			return;
+		}
+		evbuffer_remove(in, line, len);
+		line[len] = '\0';
+		evbuffer_drain(in, eol_len);
+		s->se_bytes_down += len + eol_len;
+		session_command(s, line, len);
+		/* the line may have carried a password or a SASL response */
+		secret_wipe(line, len);
+		free(line);
+	}
+	/* the queue is full: read again when replies drain it */
+	if (s->se_state == SESSION_RELAY && s->se_npending >= PARAM_MAX_PENDING)
+		bufferevent_disable(s->se_client, EV_READ);
+	session_pump(s);
+}
+
+/* Write local replies at the head and send relayed commands upstream. */
+static void
+session_pump(struct session *s)
+{
+	struct evbuffer	*out;
+	struct pending	*p;
+
+	if (s->se_state != SESSION_RELAY && s->se_state != SESSION_CLOSING)
+		return;
+	out = bufferevent_get_output(s->se_client);
+	while ((p = TAILQ_FIRST(&s->se_queue)) != NULL && p->pe_local) {
+		evbuffer_add(out, p->pe_data, p->pe_len);
+		session_pending_free(s, p);
+	}
+	if (s->se_state != SESSION_RELAY || s->se_ubev == NULL)
+		return;
+	TAILQ_FOREACH(p, &s->se_queue, pe_entry) {
+		if (p->pe_local || p->pe_sent)
+			continue;
+		/* Without PIPELINING upstream, one command at a time. */
+		if (s->se_inflight > 0 && !upstream_pipelining(s->se_up))
+			break;
+		bufferevent_write(s->se_ubev, p->pe_data, p->pe_len);
+		p->pe_sent = 1;
+		if (s->se_inflight++ == 0)
+			bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
+			    s->se_cfg->idle_timeout, 0 }, NULL);
+	}
+	if (s->se_npending < PARAM_MAX_PENDING && !s->se_quit &&
+	    !s->se_client_eof)
+		bufferevent_enable(s->se_client, EV_READ);
+}
+
+/* The reply at the head of the queue is complete. */
+static void
+session_reply_done(struct session *s)
+{
+	struct pending	*p = TAILQ_FIRST(&s->se_queue);
+	int		 quit = p->pe_quit;
+
+	session_pending_free(s, p);
+	s->se_reply = REPLY_STATUS;
+	if (--s->se_inflight == 0)
+		bufferevent_set_timeouts(s->se_ubev, NULL, NULL);
+	if (quit) {
+		session_close_flush(s, 0, "quit");
+		return;
+	}
+	session_pump(s);
+	if (s->se_client_eof && TAILQ_EMPTY(&s->se_queue))
+		session_close_flush(s, 0, "client closed");
+	else if (TAILQ_EMPTY(&s->se_queue) && s->se_state == SESSION_RELAY)
+		session_client_read(s);
+}
+
+/* Copy upstream replies to the client, tracking where each one ends. */
+void
+session_upstream_read(struct session *s)
+{
+	struct evbuffer		*in = bufferevent_get_input(s->se_ubev);
+	struct evbuffer		*out = bufferevent_get_output(s->se_client);
+	struct evbuffer_iovec	 v[16];
+	struct evbuffer_ptr	 eol;
+	struct pending		*p;
+	size_t			 eol_len, n, used;
+	char			 status[8];
+	int			 i, nv, done = 0;
+
+	while (s->se_state == SESSION_RELAY && evbuffer_get_length(in) > 0) {
+		if (evbuffer_get_length(out) >= (size_t)s->se_cfg->max_buffer) {
+			/* slow client: stop reading upstream until it drains */
+			bufferevent_disable(s->se_ubev, EV_READ);
+			return;
+		}
+		p = TAILQ_FIRST(&s->se_queue);
+		if (p == NULL || p->pe_local || !p->pe_sent) {
+			session_close_flush(s, 1, "unexpected data from the mail server");
+			return;
+		}
+		if (s->se_reply == REPLY_STATUS) {
+			eol = evbuffer_search_eol(in, NULL, &eol_len,
+			    EVBUFFER_EOL_CRLF);
+			if (eol.pos == -1) {
+				if (evbuffer_get_length(in) > PARAM_MAX_LINE)
+					session_close_flush(s, 1,
+					    "overlong status line from the mail server");
+				return;
+			}
+			n = evbuffer_copyout(in, status, sizeof(status));
+			s->se_bytes_up += eol.pos + eol_len;
+			evbuffer_remove_buffer(in, out, eol.pos + eol_len);
+			if (p->pe_multiline && pop3_response_status(status,
+			    n < (size_t)eol.pos ? n : (size_t)eol.pos) == 1) {
+				s->se_reply = REPLY_BODY;
+				pop3_ml_init(&s->se_scan);
+				continue;
+			}
+			session_reply_done(s);
+			continue;
+		}
+		/* REPLY_BODY: find the terminator across the buffer's chunks */
+		nv = evbuffer_peek(in, -1, NULL, v, 16);
+		if (nv > 16)
+			nv = 16;
+		for (i = 0, used = 0; i < nv && !done; i++)
+			used += pop3_ml_feed(&s->se_scan, v[i].iov_base,
+			    v[i].iov_len, &done);
+		s->se_bytes_up += used;
+		evbuffer_remove_buffer(in, out, used);
+		if (done) {
+			done = 0;
+			session_reply_done(s);
+		}
+	}
+}
+
+static void
+session_upstream_read_cb(struct bufferevent *bev, void *arg)
+{
+	session_upstream_read(arg);
+}
+
+/* Upstream output drained: resume reading a client we paused. */
+static void
+session_upstream_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct session	*s = arg;
+
+	if (s->se_state == SESSION_RELAY && !s->se_quit && !s->se_client_eof)
+		bufferevent_enable(s->se_client, EV_READ);
+}
+
+static void
+session_upstream_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct session	*s = arg;
+	struct pending	*p = TAILQ_FIRST(&s->se_queue);
+
+	if (s->se_state != SESSION_RELAY)
+		return;
+	if (what & BEV_EVENT_TIMEOUT) {
+		session_close_flush(s, 1, "mail server timed out");
+		return;
+	}
+	/* Tell the client why, unless we are in the middle of a reply. */
+	if (s->se_reply == REPLY_STATUS && !(p != NULL && p->pe_quit))
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [SYS/TEMP] Connection to the mail server lost\r\n");
+	session_close_flush(s, p == NULL || !p->pe_quit, "mail server closed");
+}
+
+static void
+session_client_read_cb(struct bufferevent *bev, void *arg)
+{
+	session_client_read(arg);
+}
+
+/* Client output drained below the low watermark. */
+static void
+session_client_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct session	*s = arg;
+
+	if (s->se_state == SESSION_CLOSING) {
+		if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+			session_close(s, s->se_failed, s->se_reason);
+		return;
+	}
+	if (s->se_state == SESSION_RELAY && s->se_ubev != NULL) {
+		bufferevent_enable(s->se_ubev, EV_READ);
+		session_upstream_read(s);
+	}
+}
+
+static void
+session_client_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct session	*s = arg;
+
+	if (what & BEV_EVENT_TIMEOUT) {
+		if ((what & BEV_EVENT_READING) && s->se_state == SESSION_RELAY &&
+		    s->se_inflight > 0) {
+			/* waiting for the mail server, not idle */
+			bufferevent_enable(bev, EV_READ);
+			return;
+		}
+		if (s->se_state == SESSION_RELAY && (what & BEV_EVENT_READING)) {
+			evbuffer_add_printf(bufferevent_get_output(bev),
+			    "-ERR [SYS/TEMP] Autologout; idle for too long\r\n");
+			session_close_flush(s, 0, "idle timeout");
+		} else
+			session_close(s, 1, "client write timeout");
+		return;
+	}
+	if ((what & BEV_EVENT_EOF) && s->se_state == SESSION_RELAY &&
+	    !TAILQ_EMPTY(&s->se_queue)) {
+		/*
+		 * Half-closed client with replies owed: finish them.  Unless it
+		 * sent QUIT, the upstream is closed without QUIT at the end.
+		 */
+		s->se_client_eof = 1;
+		bufferevent_disable(bev, EV_READ);
+		return;
+	}
+	if (s->se_quit && s->se_state == SESSION_RELAY) {
+		/* QUIT was sent: let the server commit, then close. */
+		s->se_client_eof = s->se_client_gone = 1;
+		bufferevent_disable(bev, EV_READ | EV_WRITE);
+		return;
+	}
+	session_close(s, 0, (what & BEV_EVENT_EOF) ? "client closed" :
+	    "client connection error");
+}
+
+/* The upstream login succeeded: greet the client and start relaying. */
+void
+session_upstream_ready(struct session *s)
+{
+	s->se_ubev = upstream_bev(s->se_up);
+	bufferevent_setcb(s->se_ubev, session_upstream_read_cb,
+	    session_upstream_write_cb, session_upstream_event_cb, s);
+	bufferevent_set_max_single_read(s->se_ubev, PARAM_READ_SIZE);
+	bufferevent_setwatermark(s->se_ubev, EV_READ, 0, s->se_cfg->max_buffer);
+	bufferevent_setwatermark(s->se_ubev, EV_WRITE, s->se_cfg->max_buffer / 2, 0);
+	bufferevent_enable(s->se_ubev, EV_READ | EV_WRITE);
+	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
+		session_close(s, 1, "out of memory");
+		return;
+	}
+	session_enter_state(s, SESSION_RELAY);
+	evbuffer_add_printf(bufferevent_get_output(s->se_client),
+	    "+OK tpmail POP3 proxy ready\r\n");
+	bufferevent_setwatermark(s->se_client, EV_READ, 0, 0);
+	bufferevent_set_timeouts(s->se_client, &(struct timeval){
+	    s->se_cfg->idle_timeout, 0 }, &(struct timeval){
+	    s->se_cfg->idle_timeout, 0 });
+	bufferevent_enable(s->se_client, EV_READ);
+	session_client_read(s);
+}
+
+void
+session_upstream_failed(struct session *s, const char *code, const char *reason)
+{
+	if (s->se_state != SESSION_LOGIN)
+		return;
+	evbuffer_add_printf(bufferevent_get_output(s->se_client),
+	    "-ERR [%s] %s\r\n", code, reason);
+	/* the upstream object is still on the stack: free it later */
+	session_close_flush(s, 1, reason);
+}
+
+/* Stop everything but the last bytes to the client, then close. */
+static void
+session_close_flush(struct session *s, int failed, const char *reason)
+{
+	if (s->se_state == SESSION_CLOSING || s->se_state == SESSION_DEAD)
+		return;
+	session_enter_state(s, SESSION_CLOSING);
+	s->se_failed = failed;
+	s->se_reason = reason;
+	if (s->se_ubev != NULL)
+		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
+	bufferevent_disable(s->se_client, EV_READ);
+	if (s->se_client_gone) {
+		session_close(s, failed, reason);
+		return;
+	}
+	bufferevent_setwatermark(s->se_client, EV_WRITE, 0, 0);
+	bufferevent_set_timeouts(s->se_client, NULL, &(struct timeval){
+	    s->se_cfg->connect_timeout, 0 });
+	if (evbuffer_get_length(bufferevent_get_output(s->se_client)) == 0)
+		session_close(s, failed, reason);
+	else
+		bufferevent_enable(s->se_client, EV_WRITE);
+}
+
+static void
+session_free_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	struct session	*s = arg;
+	struct pending	*p;
+
+	while ((p = TAILQ_FIRST(&s->se_queue)) != NULL)
+		session_pending_free(s, p);
+	/* no QUIT is ever sent here: an unfinished session commits nothing */
+	upstream_free(s->se_up);
+	bufferevent_free(s->se_client);
+	config_unref(s->se_cfg);
+	free(s->se_capa);
+	free(s);
+}
+
+/* The session's end: one log line, then everything is freed. */
+static void
+session_close(struct session *s, int failed, const char *reason)
+{
+	struct timeval	now, d;
+
+	if (s->se_state == SESSION_DEAD)
+		return;
+	gettimeofday(&now, NULL);
+	timersub(&now, &s->se_start, &d);
+	(failed ? log_warnx : log_info)("session=%lu result=%s reason=\"%s\" "
+	    "duration_ms=%ld commands=%lu bytes_to_client=%lu "
+	    "bytes_to_server=%lu", s->se_id, failed ? "fail" : "ok", reason,
+	    (long)(d.tv_sec * 1000 + d.tv_usec / 1000), s->se_commands,
+	    s->se_bytes_up, s->se_bytes_down);
+	session_enter_state(s, SESSION_DEAD);
+	bufferevent_disable(s->se_client, EV_READ | EV_WRITE);
+	if (s->se_ubev != NULL)
+		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
+	proxy_session_closed(failed, failed ? reason : NULL);
+	/* callers may still be inside this session's callbacks */
+	event_base_once(proxy->base, -1, EV_TIMEOUT, session_free_cb, s,
+	    &(struct timeval){ 0, 0 });
+}
+
+/* A new client connection: log in upstream before greeting it. */
+void
+session_new(int fd, struct proxy_config *cfg)
+{
+	struct session	*s;
+
+	if ((s = calloc(1, sizeof(*s))) == NULL) {
+		evutil_closesocket(fd);
+		return;
+	}
+	s->se_id = ++proxy->next_id;
+	s->se_cfg = cfg;
+	config_ref(cfg);
+	TAILQ_INIT(&s->se_queue);
+	gettimeofday(&s->se_start, NULL);
+	s->se_client = bufferevent_socket_new(proxy->base, fd,
+	    BEV_OPT_CLOSE_ON_FREE);
+	if (s->se_client == NULL) {
+		evutil_closesocket(fd);
+		config_unref(cfg);
+		free(s);
+		return;
+	}
+	proxy_session_opened();
+	bufferevent_setcb(s->se_client, session_client_read_cb,
+	    session_client_write_cb, session_client_event_cb, s);
+	bufferevent_set_max_single_read(s->se_client, PARAM_READ_SIZE);
+	bufferevent_setwatermark(s->se_client, EV_WRITE, cfg->max_buffer / 2, 0);
+	/* hold at most one line of early client input until the greeting */
+	bufferevent_setwatermark(s->se_client, EV_READ, 0, cfg->max_line);
+	/* reading during the login notices a client that leaves early */
+	bufferevent_enable(s->se_client, EV_READ | EV_WRITE);
+	log_debug("session=%lu accepted", s->se_id);
+	if ((s->se_up = upstream_start(s, cfg)) == NULL) {
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [SYS/TEMP] Cannot connect to the mail server\r\n");
+		session_close_flush(s, 1, "cannot start the upstream connection");
+	}
+}

@@ -1,0 +1,94 @@
+/*
+ * tls.c: the tenant proxy's TLS client toward the mail server.  One SSL_CTX
+ * per configuration, built once; the trust store is the destination's CA
+ * file, or the system's hashed CA directory, which OpenSSL reads lazily per
+ * lookup instead of parsing the whole bundle at start.  Peer certificates
+ * are always verified and the host name checked unless the destination
+ * turns that off explicitly.
+ */
+#include <string.h>
+
+#include <arpa/inet.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include "log.h"
+#include "proxy.h"
+
+SSL_CTX *
+tls_ctx_new(const char *cafile, const char **err)
+{
+	SSL_CTX	*ctx;
+
+	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL) {
+		*err = "cannot create TLS context";
+		return NULL;
+	}
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+	if (cafile != NULL) {
+		if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1) {
+			*err = "cannot load the destination's CA file";
+			SSL_CTX_free(ctx);
+			return NULL;
+		}
+	} else if (SSL_CTX_load_verify_locations(ctx, NULL,
+	    X509_get_default_cert_dir()) != 1) {
+		*err = "cannot use the system CA directory";
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+/* A client SSL for one upstream connection: SNI and host name check set. */
+SSL *
+tls_ssl_new(struct proxy_config *c)
+{
+	SSL			*ssl;
+	X509_VERIFY_PARAM	*vp;
+	unsigned char		 addr[16];
+	int			 is_ip;
+
+	if ((ssl = SSL_new(c->ssl_ctx)) == NULL)
+		return NULL;
+	is_ip = inet_pton(AF_INET, c->host, addr) == 1 ||
+	    inet_pton(AF_INET6, c->host, addr) == 1;
+	if (!is_ip)
+		SSL_set_tlsext_host_name(ssl, c->host);
+	if (c->verify_host) {
+		vp = SSL_get0_param(ssl);
+		if (is_ip)
+			X509_VERIFY_PARAM_set1_ip_asc(vp, c->host);
+		else {
+			X509_VERIFY_PARAM_set_hostflags(vp,
+			    X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+			SSL_set1_host(ssl, c->host);
+		}
+	}
+	return ssl;
+}
+
+/* Why a TLS bufferevent failed, in words for the log and the client. */
+const char *
+tls_error_string(struct bufferevent *bev)
+{
+	static char	 buf[256];
+	unsigned long	 e;
+	SSL		*ssl = bufferevent_openssl_get_ssl(bev);
+	long		 vr;
+
+	if (ssl != NULL && (vr = SSL_get_verify_result(ssl)) != X509_V_OK) {
+		snprintf(buf, sizeof(buf), "certificate verification failed: %s",
+		    X509_verify_cert_error_string(vr));
+		return buf;
+	}
+	e = bufferevent_get_openssl_error(bev);
+	if (e != 0) {
+		ERR_error_string_n(e, buf, sizeof(buf));
+		return buf;
+	}
+	return "TLS connection failed";
+}

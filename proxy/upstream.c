@@ -1,0 +1,670 @@
+/*
+ * upstream.c: the tenant proxy's login to the real mail server, one state
+ * machine per session: connect (TCP, or TLS for POP3S), greeting, CAPA,
+ * STLS and the TLS handshake when asked, then USER/PASS, APOP or SASL PLAIN
+ * or LOGIN with the destination's credentials.  Entering a state sends its
+ * command; upstream_response() interprets the reply by state.  When the
+ * login succeeds the session takes over the connection for relaying.
+ * Runs unprivileged in the sandboxed tenant proxy.
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/dns.h>
+#include <openssl/evp.h>
+
+#include "log.h"
+#include "params.h"
+#include "proxy.h"
+#include "secret.h"
+
+enum upstream_state {
+	UP_CONNECT,
+	UP_TLS_CONNECT,		/* implicit TLS handshake */
+	UP_GREETING,
+	UP_CAPA,
+	UP_STLS,
+	UP_STLS_HANDSHAKE,
+	UP_CAPA_TLS,		/* CAPA again, as RFC 2595 requires */
+	UP_LOGIN,		/* choose a mechanism */
+	UP_USER,
+	UP_PASS,
+	UP_APOP,
+	UP_AUTH_PLAIN,
+	UP_AUTH_LOGIN,
+	UP_AUTH_LOGIN_USER,
+	UP_AUTH_LOGIN_PASS,
+	UP_READY,
+	UP_FAILED,
+};
+
+struct upstream {
+	struct session		*up_session;
+	struct proxy_config	*up_cfg;
+	struct bufferevent	*up_bev;
+	int			 up_tls;	/* the TLS bufferevent owns the socket */
+	enum upstream_state	 up_state;
+	struct event		*up_timer;
+	char			 up_apop_ts[256];
+	char			*up_capa;	/* raw capability lines */
+	size_t			 up_capa_len;
+	int			 up_has_capa;
+	int			 up_pipelining;
+	int			 up_user;
+	int			 up_stls;
+	int			 up_sasl_plain;
+	int			 up_sasl_login;
+};
+
+static void	upstream_enter_state(struct upstream *, enum upstream_state);
+static void	upstream_response(struct upstream *, const char *, size_t);
+static void	upstream_read_cb(struct bufferevent *, void *);
+static void	upstream_event_cb(struct bufferevent *, short, void *);
+
+static const char *
+upstream_strstate(enum upstream_state st)
+{
+	static const char *const names[] = {
+		"connect", "tls-connect", "greeting", "capa", "stls",
+		"stls-handshake", "capa-tls", "login", "user", "pass", "apop",
+		"auth-plain", "auth-login", "auth-login-user", "auth-login-pass",
+		"ready", "failed",
+	};
+
+	return names[st];
+}
+
+/* Fail the login: the session greets its client with -ERR [code]. */
+static void
+upstream_fail(struct upstream *u, const char *code, const char *reason)
+{
+	if (u->up_state == UP_FAILED)
+		return;
+	log_warnx("session=%lu upstream=%s:%d state=%s result=fail reason=\"%s\"",
+	    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port,
+	    upstream_strstate(u->up_state), reason);
+	u->up_state = UP_FAILED;
+	evtimer_del(u->up_timer);
+	if (u->up_bev != NULL)
+		bufferevent_disable(u->up_bev, EV_READ | EV_WRITE);
+	session_upstream_failed(u->up_session, code, reason);
+}
+
+static void
+upstream_timeout_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	struct upstream	*u = arg;
+
+	upstream_fail(u, "SYS/TEMP", "timed out logging in to the mail server");
+}
+
+static void
+upstream_secret_done(const void *data, size_t len, void *line)
+{
+	secret_free(line);
+}
+
+/* Queue a line that holds a secret: its memory is wiped once written. */
+static void
+upstream_send_secret(struct upstream *u, char *line, size_t len)
+{
+	struct evbuffer	*out = bufferevent_get_output(u->up_bev);
+
+	/* evbuffer_add_reference sends from our copy and tells us when done. */
+	if (evbuffer_add_reference(out, line, len, upstream_secret_done,
+	    line) == -1)
+		secret_free(line);
+}
+
+static void
+upstream_sendf(struct upstream *u, const char *fmt, const char *arg)
+{
+	evbuffer_add_printf(bufferevent_get_output(u->up_bev), fmt, arg);
+}
+
+static char *
+base64(const void *data, size_t len)
+{
+	char	*out = malloc(4 * ((len + 2) / 3) + 1);
+
+	if (out != NULL)
+		EVP_EncodeBlock((unsigned char *)out, data, len);
+	return out;
+}
+
+/* "CMD base64(data)\r\n" with every intermediate copy wiped. */
+static void
+upstream_send_b64(struct upstream *u, const char *prefix, const void *data,
+    size_t len)
+{
+	char	*b, *line;
+	size_t	 n;
+
+	if ((b = base64(data, len)) == NULL) {
+		upstream_fail(u, "SYS/TEMP", "out of memory");
+		return;
+	}
+	n = strlen(prefix) + strlen(b) + 3;
+	if ((line = malloc(n)) == NULL) {
+		secret_free(b);
+		upstream_fail(u, "SYS/TEMP", "out of memory");
+		return;
+	}
+	n = snprintf(line, n, "%s%s\r\n", prefix, b);
+	secret_free(b);
+	upstream_send_secret(u, line, n);
+}
+
+static void
+upstream_send_apop(struct upstream *u)
+{
+	unsigned char	 md[EVP_MAX_MD_SIZE];
+	unsigned int	 mdlen, i;
+	char		 hex[2 * EVP_MAX_MD_SIZE + 1], *line;
+	EVP_MD_CTX	*ctx;
+	size_t		 n;
+
+	ctx = EVP_MD_CTX_new();
+	if (ctx == NULL || EVP_DigestInit_ex(ctx, EVP_md5(), NULL) != 1 ||
+	    EVP_DigestUpdate(ctx, u->up_apop_ts, strlen(u->up_apop_ts)) != 1 ||
+	    EVP_DigestUpdate(ctx, u->up_cfg->password,
+	    strlen(u->up_cfg->password)) != 1 ||
+	    EVP_DigestFinal_ex(ctx, md, &mdlen) != 1) {
+		EVP_MD_CTX_free(ctx);
+		upstream_fail(u, "SYS/TEMP", "cannot compute the APOP digest");
+		return;
+	}
+	EVP_MD_CTX_free(ctx);
+	for (i = 0; i < mdlen; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	n = strlen(u->up_cfg->user) + strlen(hex) + 9;
+	if ((line = malloc(n)) == NULL) {
+		upstream_fail(u, "SYS/TEMP", "out of memory");
+		return;
+	}
+	n = snprintf(line, n, "APOP %s %s\r\n", u->up_cfg->user, hex);
+	upstream_send_secret(u, line, n);
+}
+
+static void
+upstream_send_plain(struct upstream *u)
+{
+	size_t	 ul = strlen(u->up_cfg->user), pl = strlen(u->up_cfg->password);
+	char	*msg = malloc(ul + pl + 2);
+
+	if (msg == NULL) {
+		upstream_fail(u, "SYS/TEMP", "out of memory");
+		return;
+	}
+	/* authzid empty, authcid, password (RFC 4616) */
+	msg[0] = '\0';
+	memcpy(msg + 1, u->up_cfg->user, ul);
+	msg[ul + 1] = '\0';
+	memcpy(msg + ul + 2, u->up_cfg->password, pl);
+	upstream_send_b64(u, "AUTH PLAIN ", msg, ul + pl + 2);
+	secret_wipe(msg, ul + pl + 2);
+	free(msg);
+}
+
+/* Pick the login mechanism: the destination's choice, else what CAPA offers. */
+static enum upstream_state
+upstream_choose_login(struct upstream *u)
+{
+	switch (u->up_cfg->auth) {
+	case UPSTREAM_AUTH_NONE:
+		return UP_READY;
+	case UPSTREAM_AUTH_USER:
+		return UP_USER;
+	case UPSTREAM_AUTH_APOP:
+		return UP_APOP;
+	case UPSTREAM_AUTH_PLAIN:
+		return UP_AUTH_PLAIN;
+	case UPSTREAM_AUTH_LOGIN:
+		return UP_AUTH_LOGIN;
+	case UPSTREAM_AUTH_AUTO:
+		break;
+	}
+	/* RFC 2449: without CAPA, USER is the baseline. */
+	if (!u->up_has_capa || u->up_user)
+		return UP_USER;
+	if (u->up_sasl_plain)
+		return UP_AUTH_PLAIN;
+	if (u->up_sasl_login)
+		return UP_AUTH_LOGIN;
+	return UP_USER;
+}
+
+static void
+upstream_start_tls(struct upstream *u, enum upstream_state next)
+{
+	struct bufferevent	*tbev;
+	SSL			*ssl;
+	evutil_socket_t		 fd;
+
+	if ((ssl = tls_ssl_new(u->up_cfg)) == NULL) {
+		upstream_fail(u, "SYS/TEMP", "cannot create a TLS session");
+		return;
+	}
+	fd = bufferevent_getfd(u->up_bev);
+	bufferevent_free(u->up_bev);
+	u->up_bev = NULL;
+	tbev = bufferevent_openssl_socket_new(proxy->base, fd, ssl,
+	    BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+	if (tbev == NULL) {
+		SSL_free(ssl);
+		close(fd);
+		upstream_fail(u, "SYS/TEMP", "cannot start TLS");
+		return;
+	}
+	u->up_tls = 1;
+	u->up_bev = tbev;
+	bufferevent_openssl_set_allow_dirty_shutdown(tbev, 1);
+	bufferevent_setcb(tbev, upstream_read_cb, NULL, upstream_event_cb, u);
+	bufferevent_set_timeouts(tbev, &(struct timeval){
+	    u->up_cfg->connect_timeout, 0 }, &(struct timeval){
+	    u->up_cfg->connect_timeout, 0 });
+	bufferevent_enable(tbev, EV_READ | EV_WRITE);
+	u->up_state = next;
+}
+
+static void
+upstream_enter_state(struct upstream *u, enum upstream_state st)
+{
+	log_debug("session=%lu upstream %s -> %s", session_id(u->up_session),
+	    upstream_strstate(u->up_state), upstream_strstate(st));
+	u->up_state = st;
+	switch (st) {
+	case UP_CAPA:
+	case UP_CAPA_TLS:
+		free(u->up_capa);
+		u->up_capa = NULL;
+		u->up_capa_len = 0;
+		u->up_has_capa = u->up_user = u->up_stls = 0;
+		u->up_sasl_plain = u->up_sasl_login = u->up_pipelining = 0;
+		upstream_sendf(u, "CAPA\r\n", NULL);
+		break;
+	case UP_STLS:
+		upstream_sendf(u, "STLS\r\n", NULL);
+		break;
+	case UP_LOGIN:
+		upstream_enter_state(u, upstream_choose_login(u));
+		break;
+	case UP_USER:
+		upstream_sendf(u, "USER %s\r\n", u->up_cfg->user);
+		break;
+	case UP_PASS: {
+		size_t	 n = strlen(u->up_cfg->password) + 8;
+		char	*line = malloc(n);
+
+		if (line == NULL) {
+			upstream_fail(u, "SYS/TEMP", "out of memory");
+			return;
+		}
+		n = snprintf(line, n, "PASS %s\r\n", u->up_cfg->password);
+		upstream_send_secret(u, line, n);
+		break;
+	}
+	case UP_APOP:
+		if (u->up_apop_ts[0] == '\0') {
+			upstream_fail(u, "SYS/TEMP",
+			    "APOP configured but the server offers no APOP timestamp");
+			return;
+		}
+		upstream_send_apop(u);
+		break;
+	case UP_AUTH_PLAIN:
+		upstream_send_plain(u);
+		break;
+	case UP_AUTH_LOGIN:
+		upstream_sendf(u, "AUTH LOGIN\r\n", NULL);
+		break;
+	case UP_AUTH_LOGIN_USER:
+		upstream_send_b64(u, "", u->up_cfg->user, strlen(u->up_cfg->user));
+		break;
+	case UP_AUTH_LOGIN_PASS:
+		upstream_send_b64(u, "", u->up_cfg->password,
+		    strlen(u->up_cfg->password));
+		break;
+	case UP_READY:
+		evtimer_del(u->up_timer);
+		bufferevent_set_timeouts(u->up_bev, NULL, NULL);
+		log_debug("session=%lu upstream=%s:%d result=ready",
+		    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port);
+		session_upstream_ready(u->up_session);
+		break;
+	default:
+		break;
+	}
+}
+
+/* Remember the capability lines and the ones the login depends on. */
+static void
+upstream_capa_line(struct upstream *u, const char *line, size_t len)
+{
+	char	*p;
+
+	if ((p = realloc(u->up_capa, u->up_capa_len + len + 2)) == NULL)
+		return;
+	u->up_capa = p;
+	memcpy(p + u->up_capa_len, line, len);
+	u->up_capa_len += len;
+	p[u->up_capa_len++] = '\n';
+	p[u->up_capa_len] = '\0';
+	if (len == 4 && strncasecmp(line, "USER", 4) == 0)
+		u->up_user = 1;
+	else if (len == 4 && strncasecmp(line, "STLS", 4) == 0)
+		u->up_stls = 1;
+	else if (len == 10 && strncasecmp(line, "PIPELINING", 10) == 0)
+		u->up_pipelining = 1;
+	else if (len > 5 && strncasecmp(line, "SASL ", 5) == 0) {
+		/* mechanisms are words: match them whole */
+		const char	*w = line + 5, *end = line + len;
+
+		while (w < end) {
+			const char	*e = memchr(w, ' ', end - w);
+			size_t		 wl = (e ? e : end) - w;
+
+			if (wl == 5 && strncasecmp(w, "PLAIN", 5) == 0)
+				u->up_sasl_plain = 1;
+			if (wl == 5 && strncasecmp(w, "LOGIN", 5) == 0)
+				u->up_sasl_login = 1;
+			w += wl + 1;
+		}
+	}
+}
+
+/* The login failed with -ERR: pass a meaningful response code on. */
+static void
+upstream_login_rejected(struct upstream *u, const char *line, size_t len)
+{
+	char	code[32];
+
+	if (pop3_response_code(line, len, code, sizeof(code)) &&
+	    (strcmp(code, "SYS/TEMP") == 0 || strcmp(code, "SYS/PERM") == 0 ||
+	    strcmp(code, "IN-USE") == 0 || strcmp(code, "LOGIN-DELAY") == 0))
+		upstream_fail(u, strcmp(code, "SYS/PERM") == 0 ? "SYS/PERM" : code,
+		    "the mail server refused the login");
+	else
+		upstream_fail(u, "AUTH", "the mail server rejected the credentials");
+}
+
+static void
+upstream_response(struct upstream *u, const char *line, size_t len)
+{
+	int		 st = pop3_response_status(line, len);
+	const char	*lt, *gt;
+
+	switch (u->up_state) {
+	case UP_GREETING:
+		if (st != 1) {
+			upstream_fail(u, "SYS/TEMP",
+			    "the mail server did not greet with +OK");
+			return;
+		}
+		/* RFC 1939 APOP timestamp: <...> in the greeting */
+		lt = memchr(line, '<', len);
+		gt = lt ? memchr(lt, '>', line + len - lt) : NULL;
+		if (lt && gt && (size_t)(gt - lt + 1) < sizeof(u->up_apop_ts)) {
+			memcpy(u->up_apop_ts, lt, gt - lt + 1);
+			u->up_apop_ts[gt - lt + 1] = '\0';
+		}
+		upstream_enter_state(u, UP_CAPA);
+		break;
+	case UP_CAPA:
+	case UP_CAPA_TLS:
+		if (!u->up_has_capa) {
+			if (st == 1) {
+				u->up_has_capa = 1;
+				return;		/* lines follow */
+			}
+			/* no CAPA: RFC 1939 server */
+		} else if (!(len == 1 && line[0] == '.')) {
+			if (u->up_capa_len + len > PARAM_MAX_CAPA) {
+				upstream_fail(u, "SYS/TEMP",
+				    "the mail server's CAPA is too long");
+				return;
+			}
+			upstream_capa_line(u, line, len);
+			return;
+		}
+		if (u->up_state == UP_CAPA &&
+		    (u->up_cfg->tls == UPSTREAM_TLS_STARTTLS ||
+		    u->up_cfg->tls == UPSTREAM_TLS_STARTTLS_REQUIRED)) {
+			if (u->up_stls) {
+				upstream_enter_state(u, UP_STLS);
+				return;
+			}
+			if (u->up_cfg->tls == UPSTREAM_TLS_STARTTLS_REQUIRED) {
+				upstream_fail(u, "SYS/TEMP", "STLS required but "
+				    "the mail server does not offer it");
+				return;
+			}
+		}
+		upstream_enter_state(u, UP_LOGIN);
+		break;
+	case UP_STLS:
+		if (st != 1) {
+			if (u->up_cfg->tls == UPSTREAM_TLS_STARTTLS_REQUIRED) {
+				upstream_fail(u, "SYS/TEMP",
+				    "the mail server refused STLS");
+				return;
+			}
+			upstream_enter_state(u, UP_LOGIN);
+			return;
+		}
+		/*
+		 * Anything the server sent after +OK and before the handshake
+		 * would be read as if it came over TLS: STARTTLS command
+		 * injection (CVE-2011-0411 family).  Refuse it.
+		 */
+		if (evbuffer_get_length(bufferevent_get_input(u->up_bev)) > 0) {
+			upstream_fail(u, "SYS/TEMP", "the mail server sent data "
+			    "before the TLS handshake (possible injection)");
+			return;
+		}
+		upstream_start_tls(u, UP_STLS_HANDSHAKE);
+		break;
+	case UP_USER:
+		if (st != 1) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, UP_PASS);
+		break;
+	case UP_PASS:
+	case UP_APOP:
+		if (st != 1) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, UP_READY);
+		break;
+	case UP_AUTH_PLAIN:
+	case UP_AUTH_LOGIN_PASS:
+		if (st == 2 && u->up_state == UP_AUTH_PLAIN) {
+			/* server ignored the initial response: RFC 5034 empty */
+			upstream_fail(u, "SYS/TEMP",
+			    "unexpected SASL challenge from the mail server");
+			return;
+		}
+		if (st != 1) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, UP_READY);
+		break;
+	case UP_AUTH_LOGIN:
+	case UP_AUTH_LOGIN_USER:
+		if (st != 2) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, u->up_state == UP_AUTH_LOGIN ?
+		    UP_AUTH_LOGIN_USER : UP_AUTH_LOGIN_PASS);
+		break;
+	default:
+		upstream_fail(u, "SYS/TEMP", "unexpected data from the mail server");
+		break;
+	}
+}
+
+static void
+upstream_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct upstream	*u = arg;
+	struct evbuffer	*in = bufferevent_get_input(bev);
+	char		*line;
+	size_t		 len;
+
+	while (u->up_state != UP_FAILED && u->up_state != UP_READY &&
+	    u->up_state != UP_STLS_HANDSHAKE && u->up_state != UP_TLS_CONNECT) {
+		line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF);
+		if (line == NULL) {
+			if (evbuffer_get_length(in) > PARAM_MAX_RESPONSE_LINE)
+				upstream_fail(u, "SYS/TEMP",
+				    "overlong line from the mail server");
+			return;
+		}
+		if (len > PARAM_MAX_RESPONSE_LINE) {
+			free(line);
+			upstream_fail(u, "SYS/TEMP",
+			    "overlong line from the mail server");
+			return;
+		}
+		upstream_response(u, line, len);
+		free(line);
+		/* the session may have freed us through a failure callback */
+		if (u->up_state == UP_FAILED)
+			return;
+	}
+}
+
+static void
+upstream_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct upstream	*u = arg;
+	char		 reason[300];
+	int		 err;
+
+	if (what & BEV_EVENT_CONNECTED) {
+		bufferevent_set_timeouts(bev, NULL, NULL);
+		if (u->up_state == UP_CONNECT) {
+			if (u->up_cfg->tls == UPSTREAM_TLS_IMPLICIT) {
+				upstream_start_tls(u, UP_TLS_CONNECT);
+				return;
+			}
+			u->up_state = UP_GREETING;
+		} else if (u->up_state == UP_TLS_CONNECT)
+			u->up_state = UP_GREETING;
+		else if (u->up_state == UP_STLS_HANDSHAKE) {
+			upstream_enter_state(u, UP_CAPA_TLS);
+		}
+		return;
+	}
+	if (what & BEV_EVENT_TIMEOUT) {
+		upstream_fail(u, "SYS/TEMP", "timed out connecting to the mail server");
+		return;
+	}
+	if (u->up_state == UP_TLS_CONNECT || u->up_state == UP_STLS_HANDSHAKE) {
+		snprintf(reason, sizeof(reason), "TLS with the mail server failed: %s",
+		    tls_error_string(bev));
+		upstream_fail(u, "SYS/TEMP", reason);
+		return;
+	}
+	if (what & BEV_EVENT_ERROR) {
+		err = EVUTIL_SOCKET_ERROR();
+		if (u->up_state == UP_CONNECT &&
+		    (err = bufferevent_socket_get_dns_error(bev)) != 0)
+			snprintf(reason, sizeof(reason),
+			    "cannot resolve the mail server: %s",
+			    evutil_gai_strerror(err));
+		else
+			snprintf(reason, sizeof(reason),
+			    "cannot reach the mail server: %s",
+			    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+		upstream_fail(u, "SYS/TEMP", reason);
+		return;
+	}
+	upstream_fail(u, "SYS/TEMP", "the mail server closed the connection");
+}
+
+static void
+upstream_auth_timer_start(struct upstream *u)
+{
+	event_add(u->up_timer, &(struct timeval){ u->up_cfg->auth_timeout, 0 });
+}
+
+/* Open the upstream connection for a session and start the login. */
+struct upstream *
+upstream_start(struct session *s, struct proxy_config *cfg)
+{
+	struct upstream	*u;
+
+	if ((u = calloc(1, sizeof(*u))) == NULL)
+		return NULL;
+	u->up_session = s;
+	u->up_cfg = cfg;
+	u->up_state = UP_CONNECT;
+	u->up_timer = evtimer_new(proxy->base, upstream_timeout_cb, u);
+	/* No CLOSE_ON_FREE: the socket outlives this bufferevent when TLS starts. */
+	u->up_bev = bufferevent_socket_new(proxy->base, -1, 0);
+	if (u->up_timer == NULL || u->up_bev == NULL) {
+		upstream_free(u);
+		return NULL;
+	}
+	bufferevent_setcb(u->up_bev, upstream_read_cb, NULL, upstream_event_cb, u);
+	bufferevent_set_timeouts(u->up_bev, &(struct timeval){
+	    cfg->connect_timeout, 0 }, &(struct timeval){ cfg->connect_timeout, 0 });
+	bufferevent_enable(u->up_bev, EV_READ | EV_WRITE);
+	upstream_auth_timer_start(u);
+	if (bufferevent_socket_connect_hostname(u->up_bev, proxy->dns, AF_UNSPEC,
+	    cfg->host, cfg->port) == -1) {
+		upstream_free(u);
+		return NULL;
+	}
+	return u;
+}
+
+struct bufferevent *
+upstream_bev(struct upstream *u)
+{
+	return u->up_bev;
+}
+
+const char *
+upstream_capa(struct upstream *u)
+{
+	return u->up_capa ? u->up_capa : "";
+}
+
+int
+upstream_pipelining(struct upstream *u)
+{
+	return u->up_pipelining;
+}
+
+void
+upstream_free(struct upstream *u)
+{
+	evutil_socket_t	fd;
+
+	if (u == NULL)
+		return;
+	if (u->up_bev != NULL) {
+		/* a plain bufferevent does not own its socket (see upstream_start) */
+		fd = u->up_tls ? -1 : bufferevent_getfd(u->up_bev);
+		bufferevent_free(u->up_bev);
+		if (fd != -1)
+			close(fd);
+	}
+	if (u->up_timer != NULL)
+		event_free(u->up_timer);
+	free(u->up_capa);
+	free(u);
+}

@@ -1,0 +1,381 @@
+/*
+ * child.c: the tenant proxies' lifecycle.  For each tenant service the
+ * supervisor binds the listening socket (ports.c), creates the channel,
+ * forks and execs tpmail-pop3 under the launch contract in proto.h, sends
+ * the configuration with the socket attached, follows its state through
+ * the channel, reaps it, and restarts it with an exponential backoff when
+ * it dies.  A misbehaving child is killed; the supervisor never dies
+ * because of a child.  Runs in the supervisor.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "msg.h"
+#include "supervisor.h"
+
+/* A child that ran this long before dying starts its backoff afresh. */
+#define CHILD_STABLE_SECONDS	60
+
+const char *
+service_state_name(enum service_state st)
+{
+	static const char *const names[] = {
+		"starting", "running", "backoff", "failed", "stopping",
+	};
+
+	return names[st];
+}
+
+static void
+service_set_error(struct service *sv, const char *fmt, ...)
+{
+	char	buf[512];
+	va_list	ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	free(sv->sv_error);
+	sv->sv_error = strdup(buf);
+}
+
+struct service *
+service_new(const char *ns, const char *name, const char *cr, const char *tenant)
+{
+	struct service	*sv;
+
+	if ((sv = calloc(1, sizeof(*sv))) == NULL)
+		fatal("calloc");
+	if (asprintf(&sv->sv_key, "%s/%s", ns, name) == -1)
+		fatal("asprintf");
+	sv->sv_namespace = strdup(ns);
+	sv->sv_name = strdup(name);
+	sv->sv_cr = strdup(cr);
+	sv->sv_tenant = tenant ? strdup(tenant) : NULL;
+	sv->sv_lfd = sv->sv_chan = -1;
+	sv->sv_backoff = 1;
+	TAILQ_INSERT_TAIL(&sup->services, sv, sv_entry);
+	return sv;
+}
+
+static void
+service_close_channel(struct service *sv)
+{
+	if (sv->sv_chan_ev != NULL) {
+		event_free(sv->sv_chan_ev);
+		sv->sv_chan_ev = NULL;
+	}
+	if (sv->sv_chan != -1) {
+		close(sv->sv_chan);
+		sv->sv_chan = -1;
+	}
+}
+
+/* A child broke the protocol: it is not trusted with another message. */
+static void
+service_kill(struct service *sv, const char *why)
+{
+	log_warnx("service %s: killing pid %d: %s", sv->sv_key, (int)sv->sv_pid,
+	    why);
+	service_set_error(sv, "proxy killed: %s", why);
+	if (sv->sv_pid > 0)
+		kill(sv->sv_pid, SIGKILL);
+	service_close_channel(sv);
+}
+
+static int
+service_send(struct service *sv, int type, json_t *body, int fd)
+{
+	if (sv->sv_chan == -1)
+		return -1;
+	if (msg_send(sv->sv_chan, type, body, fd) == -1) {
+		log_warn("service %s: send %s", sv->sv_key, msg_type_name(type));
+		return -1;
+	}
+	return 0;
+}
+
+static void
+service_dispatch(evutil_socket_t fd, short ev, void *arg)
+{
+	struct service	*sv = arg;
+	struct msg	 m;
+	const char	*err, *e;
+	int		 r;
+
+	for (;;) {
+		r = msg_recv(sv->sv_chan, &m, &err);
+		if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		if (r == 0 || r == -1) {
+			/* the child is exiting; the reaper does the rest */
+			service_close_channel(sv);
+			return;
+		}
+		if (r == -2) {
+			service_kill(sv, err);
+			return;
+		}
+		switch (m.type) {
+		case MSG_HELLO:
+			if (sv->sv_state != SERVICE_STARTING) {
+				service_kill(sv, "HELLO out of order");
+				break;
+			}
+			if (service_send(sv, MSG_CONFIG, sv->sv_config,
+			    sv->sv_lfd) == -1)
+				service_kill(sv, "cannot send its configuration");
+			break;
+		case MSG_READY:
+			sv->sv_state = SERVICE_RUNNING;
+			log_info("service %s running: pid %d listening on %s:%d",
+			    sv->sv_key, (int)sv->sv_pid, sup->st.listen_address,
+			    sv->sv_port);
+			break;
+		case MSG_STATS:
+			sv->sv_active = json_integer_value(
+			    json_object_get(m.body, "active"));
+			sv->sv_total = json_integer_value(
+			    json_object_get(m.body, "total"));
+			sv->sv_failed = json_integer_value(
+			    json_object_get(m.body, "failed"));
+			break;
+		case MSG_EVENT:
+			if ((e = json_string_value(json_object_get(m.body,
+			    "error"))) != NULL)
+				service_set_error(sv, "%s", e);
+			break;
+		default:
+			service_kill(sv, "unexpected message type");
+			break;
+		}
+		msg_free(&m);
+		if (sv->sv_chan == -1)
+			return;
+	}
+}
+
+/* In the child between fork and exec: the launch contract of proto.h. */
+static void __attribute__((noreturn))
+child_exec(struct service *sv, int chan)
+{
+	char		*argv[] = { "tpmail-pop3", sv->sv_key, NULL };
+	char		*envp[4];
+	const char	*keep[] = { "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" };
+	char		*v;
+	int		 i, n = 0, null;
+	sigset_t	 all;
+
+	/* only sanitizer settings pass; nothing secret lives there */
+	for (i = 0; i < 3; i++)
+		if ((v = getenv(keep[i])) != NULL &&
+		    asprintf(&envp[n], "%s=%s", keep[i], v) != -1)
+			n++;
+	envp[n] = NULL;
+	if (chan == PROTO_CHANNEL_FD) {
+		if (fcntl(chan, F_SETFD, 0) == -1)
+			_exit(127);
+	} else if (dup2(chan, PROTO_CHANNEL_FD) == -1)
+		_exit(127);
+	if ((null = open("/dev/null", O_RDWR)) != -1) {
+		dup2(null, STDIN_FILENO);
+		dup2(STDERR_FILENO, STDOUT_FILENO);
+	}
+	if (close_range(PROTO_CHANNEL_FD + 1, ~0U, 0) == -1)
+		_exit(127);
+	sigemptyset(&all);
+	sigprocmask(SIG_SETMASK, &all, NULL);
+	for (i = 1; i < NSIG; i++)
+		signal(i, SIG_DFL);
+	execve(sup->st.proxy_path, argv, envp);
+	fprintf(stderr, "tpmaild: cannot exec %s: %s\n", sup->st.proxy_path,
+	    strerror(errno));
+	_exit(127);
+}
+
+/* Bind if needed and start the tenant's proxy. */
+int
+service_start(struct service *sv)
+{
+	int	sp[2];
+	pid_t	pid;
+
+	if (sv->sv_timer != NULL)
+		evtimer_del(sv->sv_timer);
+	if (sv->sv_lfd == -1 && ports_bind(sv) == -1) {
+		sv->sv_state = SERVICE_FAILED;
+		service_set_error(sv, "cannot bind a listening socket: %s",
+		    strerror(errno));
+		return -1;
+	}
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) == -1) {
+		sv->sv_state = SERVICE_FAILED;
+		service_set_error(sv, "socketpair: %s", strerror(errno));
+		return -1;
+	}
+	switch ((pid = fork())) {
+	case -1:
+		close(sp[0]);
+		close(sp[1]);
+		sv->sv_state = SERVICE_FAILED;
+		service_set_error(sv, "fork: %s", strerror(errno));
+		return -1;
+	case 0:
+		close(sp[0]);
+		child_exec(sv, sp[1]);
+	}
+	close(sp[1]);
+	sv->sv_pid = pid;
+	sv->sv_chan = sp[0];
+	sv->sv_state = SERVICE_STARTING;
+	sv->sv_started = time(NULL);
+	sv->sv_active = 0;
+	evutil_make_socket_nonblocking(sv->sv_chan);
+	sv->sv_chan_ev = event_new(sup->base, sv->sv_chan, EV_READ | EV_PERSIST,
+	    service_dispatch, sv);
+	event_add(sv->sv_chan_ev, NULL);
+	log_info("service %s: started pid %d", sv->sv_key, (int)pid);
+	return 0;
+}
+
+/* New credentials or limits: new sessions use them, open ones are untouched. */
+void
+service_update(struct service *sv, json_t *config)
+{
+	if (sv->sv_config != NULL && json_equal(sv->sv_config, config)) {
+		json_decref(config);
+		return;
+	}
+	json_decref(sv->sv_config);
+	sv->sv_config = config;
+	if (sv->sv_state == SERVICE_RUNNING &&
+	    service_send(sv, MSG_UPDATE, config, -1) == 0)
+		log_info("service %s: configuration updated", sv->sv_key);
+	else if (sv->sv_state == SERVICE_FAILED)
+		service_start(sv);
+}
+
+/* Remove a service: drain its proxy, free it once reaped. */
+void
+service_stop(struct service *sv)
+{
+	sv->sv_remove = 1;
+	if (sv->sv_timer != NULL)
+		evtimer_del(sv->sv_timer);
+	if (sv->sv_lfd != -1) {
+		close(sv->sv_lfd);
+		sv->sv_lfd = -1;
+	}
+	if (!sup->stopping)
+		ports_release(sv->sv_key);
+	if (sv->sv_pid <= 0) {
+		service_free(sv);
+		return;
+	}
+	sv->sv_state = SERVICE_STOPPING;
+	log_info("service %s: stopping pid %d", sv->sv_key, (int)sv->sv_pid);
+	if (service_send(sv, MSG_DRAIN, json_pack("{s:i}", "grace",
+	    sup->st.drain_grace), -1) == -1)
+		kill(sv->sv_pid, SIGTERM);
+}
+
+void
+service_free(struct service *sv)
+{
+	TAILQ_REMOVE(&sup->services, sv, sv_entry);
+	service_close_channel(sv);
+	if (sv->sv_timer != NULL)
+		event_free(sv->sv_timer);
+	if (sv->sv_lfd != -1)
+		close(sv->sv_lfd);
+	json_decref(sv->sv_config);	/* the allocator wipes the secrets */
+	free(sv->sv_key);
+	free(sv->sv_namespace);
+	free(sv->sv_name);
+	free(sv->sv_cr);
+	free(sv->sv_tenant);
+	free(sv->sv_error);
+	free(sv);
+}
+
+static void
+service_backoff_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	struct service	*sv = arg;
+
+	if (!sup->stopping)
+		service_start(sv);
+}
+
+int
+services_alive(void)
+{
+	struct service	*sv;
+	int		 n = 0;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_pid > 0)
+			n++;
+	return n;
+}
+
+/* SIGCHLD: log every exit, restart what should run, free what should not. */
+void
+child_reap(void)
+{
+	struct service	*sv, *found;
+	pid_t		 pid;
+	int		 status;
+	char		 how[64];
+
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		found = NULL;
+		TAILQ_FOREACH(sv, &sup->services, sv_entry)
+			if (sv->sv_pid == pid)
+				found = sv;
+		if (WIFEXITED(status))
+			snprintf(how, sizeof(how), "exited with status %d",
+			    WEXITSTATUS(status));
+		else
+			snprintf(how, sizeof(how), "killed by signal %d%s",
+			    WTERMSIG(status), WCOREDUMP(status) ? " (core)" : "");
+		if (found == NULL) {
+			log_info("pid %d %s", (int)pid, how);
+			continue;
+		}
+		sv = found;
+		sv->sv_pid = 0;
+		sv->sv_active = 0;
+		service_close_channel(sv);
+		if (sv->sv_remove || sup->stopping) {
+			log_info("service %s: proxy %s", sv->sv_key, how);
+			if (sv->sv_remove)
+				service_free(sv);
+			continue;
+		}
+		/* an unexpected death: back off, then start again */
+		if (time(NULL) - sv->sv_started >= CHILD_STABLE_SECONDS)
+			sv->sv_backoff = 1;
+		sv->sv_restarts++;
+		sv->sv_state = SERVICE_BACKOFF;
+		service_set_error(sv, "proxy %s; restarting in %d s", how,
+		    sv->sv_backoff);
+		log_warnx("service %s: proxy pid %d %s; restart %d in %d s",
+		    sv->sv_key, (int)pid, how, sv->sv_restarts, sv->sv_backoff);
+		if (sv->sv_timer == NULL)
+			sv->sv_timer = evtimer_new(sup->base, service_backoff_cb, sv);
+		event_add(sv->sv_timer, &(struct timeval){ sv->sv_backoff, 0 });
+		sv->sv_backoff *= 2;
+		if (sv->sv_backoff > sup->st.backoff_max)
+			sv->sv_backoff = sup->st.backoff_max;
+	}
+}

@@ -1,0 +1,166 @@
+/*
+ * control.c: the control socket tpmailctl talks to.  A Unix stream socket
+ * (mode 0600, in the state directory by default); one JSON request line per
+ * connection, one JSON reply, then close.  Requests: {"cmd":"status"}.
+ * Nothing secret is ever in a reply.  Runs in the supervisor.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/listener.h>
+
+#include "log.h"
+#include "supervisor.h"
+
+#define CONTROL_MAX_REQUEST	4096
+
+static struct evconnlistener	*control_listener;
+
+/* tpmailctl status --json: the services and the rejected CRs. */
+json_t *
+control_status(void)
+{
+	struct service	*sv;
+	json_t		*services = json_array(), *rej = json_array(), *r;
+	char		 listen[128];
+	size_t		 i;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry) {
+		snprintf(listen, sizeof(listen), "%s:%d", sup->st.listen_address,
+		    sv->sv_port);
+		json_array_append_new(services, json_pack(
+		    "{s:s,s:s,s:s,s:s?,s:s,s:i,s:o,s:s,s:i,s:I,s:I,s:I,s:s?}",
+		    "namespace", sv->sv_namespace, "name", sv->sv_name,
+		    "cr", sv->sv_cr, "tenant", sv->sv_tenant,
+		    "listen", listen, "port", sv->sv_svc_port,
+		    "pid", sv->sv_pid > 0 ? json_integer(sv->sv_pid) : json_null(),
+		    "state", service_state_name(sv->sv_state),
+		    "restarts", sv->sv_restarts,
+		    "sessions_active", (json_int_t)sv->sv_active,
+		    "sessions_total", (json_int_t)sv->sv_total,
+		    "sessions_failed", (json_int_t)sv->sv_failed,
+		    "error", sv->sv_error));
+	}
+	json_array_foreach(sup->rejected, i, r)
+		json_array_append_new(rej, json_pack("{s:O,s:O,s:O,s:O}",
+		    "namespace", json_object_get(r, "namespace"),
+		    "cr", json_object_get(r, "cr"),
+		    "reason", json_object_get(r, "reason"),
+		    "error", json_object_get(r, "error")));
+	return json_pack("{s:o,s:o}", "services", services, "rejected", rej);
+}
+
+static void
+control_reply(struct bufferevent *bev, json_t *reply)
+{
+	char	*s = json_dumps(reply, JSON_COMPACT);
+
+	json_decref(reply);
+	if (s != NULL) {
+		evbuffer_add_printf(bufferevent_get_output(bev), "%s\n", s);
+		free(s);
+	}
+	/* close once written */
+	bufferevent_disable(bev, EV_READ);
+}
+
+static void
+control_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct evbuffer	*in = bufferevent_get_input(bev);
+	json_error_t	 jerr;
+	json_t		*req;
+	const char	*cmd;
+	char		*line;
+	size_t		 len;
+
+	if ((line = evbuffer_readln(in, &len, EVBUFFER_EOL_LF)) == NULL) {
+		if (evbuffer_get_length(in) > CONTROL_MAX_REQUEST)
+			control_reply(bev, json_pack("{s:s}", "error",
+			    "request too long"));
+		return;
+	}
+	req = json_loadb(line, len, 0, &jerr);
+	free(line);
+	cmd = json_string_value(json_object_get(req, "cmd"));
+	if (cmd == NULL)
+		control_reply(bev, json_pack("{s:s}", "error",
+		    "malformed request: expected {\"cmd\": ...}"));
+	else if (strcmp(cmd, "status") == 0)
+		control_reply(bev, control_status());
+	else
+		control_reply(bev, json_pack("{s:s+}", "error",
+		    "unknown command: ", cmd));
+	json_decref(req);
+}
+
+static void
+control_write_cb(struct bufferevent *bev, void *arg)
+{
+	if (!(bufferevent_get_enabled(bev) & EV_READ))
+		bufferevent_free(bev);
+}
+
+static void
+control_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	bufferevent_free(bev);
+}
+
+static void
+control_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+    struct sockaddr *sa, int salen, void *arg)
+{
+	struct bufferevent	*bev;
+
+	bev = bufferevent_socket_new(sup->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	if (bev == NULL) {
+		close(fd);
+		return;
+	}
+	bufferevent_setcb(bev, control_read_cb, control_write_cb,
+	    control_event_cb, NULL);
+	bufferevent_set_timeouts(bev, &(struct timeval){ 10, 0 },
+	    &(struct timeval){ 10, 0 });
+	bufferevent_enable(bev, EV_READ | EV_WRITE);
+}
+
+void
+control_start(void)
+{
+	struct sockaddr_un	sun;
+	mode_t			old;
+
+	memset(&sun, 0, sizeof(sun));
+	sun.sun_family = AF_UNIX;
+	if (strlen(sup->st.control) >= sizeof(sun.sun_path))
+		fatalx("control socket path too long: %s", sup->st.control);
+	strcpy(sun.sun_path, sup->st.control);
+	if (unlink(sup->st.control) == -1 && errno != ENOENT)
+		fatal("unlink %s", sup->st.control);
+	old = umask(0077);
+	control_listener = evconnlistener_new_bind(sup->base, control_accept_cb,
+	    NULL, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 16,
+	    (struct sockaddr *)&sun, sizeof(sun));
+	umask(old);
+	if (control_listener == NULL)
+		fatal("cannot listen on %s", sup->st.control);
+}
+
+void
+control_stop(void)
+{
+	if (control_listener != NULL) {
+		evconnlistener_free(control_listener);
+		unlink(sup->st.control);
+	}
+	control_listener = NULL;
+}

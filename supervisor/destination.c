@@ -1,0 +1,292 @@
+/*
+ * destination.c: the destinations file (the Destination service's JSON
+ * shape, per tenant) and the translation of one MAIL destination into what
+ * a tenant proxy needs: upstream address, TLS policy, login mechanism and
+ * credentials.  Unknown or contradictory settings are refused with a message
+ * naming the property, never guessed.  Runs in the supervisor.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "log.h"
+#include "supervisor.h"
+#include "yaml_json.h"
+
+#define R_NOTFOUND	"ConfigurationError-ReferencedDestination-NotFound"
+#define R_TYPE		"ConfigurationError-ReferencedDestination-TypeNotSupported"
+#define R_PROXYTYPE	"ConfigurationError-ReferencedDestination-ProxyTypeNotSupported"
+#define R_LOOPBACK	"ConfigurationError-ReferencedDestination-LoopbackUrlNotSupported"
+#define R_AUTHTYPE	"ConfigurationError-ReferencedDestination-AuthenticationNotSupported"
+#define R_PROPERTY	"ConfigurationError-ReferencedDestination-PropertyInvalid"
+
+/* Load and check the file's shape: {tenant: [ {prop: "string"...} ]}. */
+json_t *
+destinations_load(const char *path, char *err, size_t errsz)
+{
+	json_t		*docs, *root, *arr, *d, *v;
+	const char	*tenant, *key;
+	size_t		 i;
+
+	if ((docs = yaml_json_load_file(path, err, errsz)) == NULL)
+		return NULL;
+	root = json_array_get(docs, 0);
+	if (json_array_size(docs) != 1 || !json_is_object(root)) {
+		snprintf(err, errsz, "must hold one JSON object whose keys are "
+		    "tenant subdomains (\"%s\" for dedicated mode)",
+		    TPMAIL_PROVIDER_TENANT);
+		json_decref(docs);
+		return NULL;
+	}
+	json_incref(root);
+	json_decref(docs);
+	json_object_foreach(root, tenant, arr) {
+		if (!json_is_array(arr)) {
+			snprintf(err, errsz, "\"%s\" must be an array of "
+			    "destinations", tenant);
+			goto bad;
+		}
+		json_array_foreach(arr, i, d) {
+			if (!json_is_object(d) ||
+			    !json_is_string(json_object_get(d, "Name"))) {
+				snprintf(err, errsz, "\"%s\"[%zu] must be a "
+				    "destination object with a Name", tenant, i);
+				goto bad;
+			}
+			json_object_foreach(d, key, v) {
+				if (!json_is_string(v)) {
+					snprintf(err, errsz, "\"%s\"[%zu] property "
+					    "%s must be a string, as the Destination "
+					    "service stores it", tenant, i, key);
+					goto bad;
+				}
+			}
+		}
+	}
+	return root;
+bad:
+	json_decref(root);
+	return NULL;
+}
+
+static const char *
+prop(json_t *d, const char *p, const char *key)
+{
+	char	full[128];
+
+	snprintf(full, sizeof(full), "mail.%s.%s", p, key);
+	return json_string_value(json_object_get(d, full));
+}
+
+/* "true"/"false" only; NULL gives def; anything else is -1. */
+static int
+prop_bool(const char *v, int def)
+{
+	if (v == NULL)
+		return def;
+	if (strcasecmp(v, "true") == 0)
+		return 1;
+	if (strcasecmp(v, "false") == 0)
+		return 0;
+	return -1;
+}
+
+static int
+is_loopback(const char *host)
+{
+	struct in_addr	a4;
+	struct in6_addr	a6;
+
+	if (strcasecmp(host, "localhost") == 0)
+		return 1;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, host, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return 0;
+}
+
+/* Properties tpmail reads under mail.<protocol>. */
+static const char *const known_props[] = {
+	"host", "port", "auth", "user", "from", "starttls.enable",
+	"starttls.required", "ssl.enable", "ssl.cafile",
+	"ssl.checkserveridentity", "apop.enable", "auth.mechanisms",
+};
+
+#define FAIL(r, ...) do {					\
+	*reason = (r);						\
+	snprintf(msg, msgsz, __VA_ARGS__);			\
+	return NULL;						\
+} while (0)
+
+/*
+ * Find destination `name` for `tenant` and turn it into the proxy's
+ * upstream and auth configuration.  NULL with SAP's reason and a message.
+ */
+json_t *
+destination_resolve(json_t *dests, const char *tenant, const char *name,
+    const struct settings *st, const char **reason, char *msg, size_t msgsz)
+{
+	json_t		*arr, *d = NULL, *v;
+	const char	*type, *ptype, *authn, *proto, *host, *port, *user, *pw;
+	const char	*tls = "none", *method = "auto", *mechs, *cafile, *key;
+	char		*end, other[16];
+	size_t		 i, plen;
+	long		 portn;
+	int		 auth, stls, stls_req, ssl, apop, verify;
+
+	arr = json_object_get(dests, tenant);
+	json_array_foreach(arr, i, v)
+		if (strcmp(json_string_value(json_object_get(v, "Name")), name) == 0)
+			d = v;
+	if (d == NULL)
+		FAIL(R_NOTFOUND, "Technical connectivity is not configured. "
+		    "Destination \"%s\" not found for tenant \"%s\"", name, tenant);
+	type = json_string_value(json_object_get(d, "Type"));
+	if (type == NULL || strcmp(type, "MAIL") != 0)
+		FAIL(R_TYPE, "Destination \"%s\" has Type \"%s\"; tpmail serves "
+		    "Type MAIL", name, type ? type : "");
+	ptype = json_string_value(json_object_get(d, "ProxyType"));
+	if (ptype == NULL || (strcmp(ptype, "Internet") != 0 &&
+	    strcmp(ptype, "OnPremise") != 0))
+		FAIL(R_PROXYTYPE, "Destination \"%s\" has ProxyType \"%s\"; it "
+		    "must be Internet or OnPremise", name, ptype ? ptype : "");
+	if (strcmp(ptype, "OnPremise") == 0)
+		FAIL(R_PROXYTYPE, "Destination \"%s\" is OnPremise, which needs "
+		    "the connectivity proxy; none is configured", name);
+	authn = json_string_value(json_object_get(d, "Authentication"));
+	if (authn != NULL && strcmp(authn, "BasicAuthentication") != 0 &&
+	    strcmp(authn, "NoAuthentication") != 0)
+		FAIL(R_AUTHTYPE, "Destination \"%s\": Authentication \"%s\" is "
+		    "not supported yet (BasicAuthentication is)", name, authn);
+	proto = json_string_value(json_object_get(d, "mail.transport.protocol"));
+	if (proto == NULL)
+		FAIL(R_PROPERTY, "Destination \"%s\": mail.transport.protocol is "
+		    "missing (pop3 or pop3s)", name);
+	if (strcmp(proto, "pop3") != 0 && strcmp(proto, "pop3s") != 0)
+		FAIL(R_TYPE, "Destination \"%s\": mail.transport.protocol \"%s\" "
+		    "is not served by tpmail (pop3, pop3s)", name, proto);
+	snprintf(other, sizeof(other), "%s", strcmp(proto, "pop3") == 0 ?
+	    "pop3s" : "pop3");
+
+	/* every mail.<proto>.* key must be one tpmail understands */
+	plen = strlen(proto);
+	json_object_foreach(d, key, v) {
+		if (strncmp(key, "mail.", 5) == 0 &&
+		    strncmp(key + 5, proto, plen) == 0 && key[5 + plen] == '.') {
+			const char	*sub = key + 6 + plen;
+			size_t		 k;
+			int		 ok = 0;
+
+			for (k = 0; k < sizeof(known_props) / sizeof(known_props[0]);
+			    k++)
+				if (strcmp(sub, known_props[k]) == 0)
+					ok = 1;
+			if (!ok)
+				FAIL(R_PROPERTY, "Destination \"%s\": property %s "
+				    "is not known to tpmail", name, key);
+		}
+	}
+
+	host = prop(d, proto, "host");
+	if (host == NULL || host[0] == '\0') {
+		if (prop(d, other, "host") != NULL)
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.host is "
+			    "missing; mail.%s.host is set but "
+			    "mail.transport.protocol is %s", name, proto, other,
+			    proto);
+		FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.host is missing",
+		    name, proto);
+	}
+	if (!st->allow_loopback && is_loopback(host))
+		FAIL(R_LOOPBACK, "Destination \"%s\": mail.%s.host %s is a "
+		    "loopback address", name, proto, host);
+	port = prop(d, proto, "port");
+	if (port == NULL)
+		portn = strcmp(proto, "pop3s") == 0 ? 995 : 110;
+	else {
+		errno = 0;
+		portn = strtol(port, &end, 10);
+		if (*port == '\0' || *end != '\0' || errno || portn < 1 ||
+		    portn > 65535)
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.port \"%s\" "
+			    "is not a port number (1-65535)", name, proto, port);
+	}
+
+	auth = prop_bool(prop(d, proto, "auth"), 1);
+	stls = prop_bool(prop(d, proto, "starttls.enable"), 0);
+	stls_req = prop_bool(prop(d, proto, "starttls.required"), 0);
+	ssl = prop_bool(prop(d, proto, "ssl.enable"), strcmp(proto, "pop3s") == 0);
+	apop = prop_bool(prop(d, proto, "apop.enable"), 0);
+	verify = prop_bool(prop(d, proto, "ssl.checkserveridentity"), 1);
+	if (auth < 0 || stls < 0 || stls_req < 0 || ssl < 0 || apop < 0 ||
+	    verify < 0)
+		FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.auth, "
+		    ".starttls.enable, .starttls.required, .ssl.enable, "
+		    ".apop.enable and .ssl.checkserveridentity take \"true\" or "
+		    "\"false\"", name, proto);
+	if (strcmp(proto, "pop3s") == 0 && !ssl)
+		FAIL(R_PROPERTY, "Destination \"%s\": mail.pop3s.ssl.enable is "
+		    "false, but pop3s is POP3 over TLS", name);
+	if (ssl && (stls || stls_req))
+		FAIL(R_PROPERTY, "Destination \"%s\": STLS (starttls) and "
+		    "implicit TLS (%s) contradict each other", name,
+		    strcmp(proto, "pop3s") == 0 ? "pop3s" : "ssl.enable");
+	if (ssl)
+		tls = "implicit";
+	else if (stls_req)
+		tls = "starttls-required";
+	else if (stls)
+		tls = "starttls";
+	cafile = prop(d, proto, "ssl.cafile");
+	if (cafile != NULL && strcmp(tls, "none") == 0)
+		FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.ssl.cafile is set "
+		    "but no TLS is used (set starttls.enable or use pop3s)",
+		    name, proto);
+
+	user = json_string_value(json_object_get(d, "mail.user"));
+	pw = json_string_value(json_object_get(d, "mail.password"));
+	mechs = prop(d, proto, "auth.mechanisms");
+	if (authn != NULL && strcmp(authn, "NoAuthentication") == 0)
+		auth = 0;
+	if (!auth)
+		method = "none";
+	else {
+		if (user == NULL || user[0] == '\0')
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.user is "
+			    "required when mail.%s.auth is true", name, proto);
+		if (pw == NULL)
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.password is "
+			    "required for BasicAuthentication", name);
+		if (apop && mechs != NULL)
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.apop.enable "
+			    "and mail.%s.auth.mechanisms contradict each other",
+			    name, proto, proto);
+		if (apop)
+			method = "apop";
+		else if (mechs != NULL) {
+			if (strcasecmp(mechs, "PLAIN") == 0)
+				method = "plain";
+			else if (strcasecmp(mechs, "LOGIN") == 0)
+				method = "login";
+			else if (strcasecmp(mechs, "USER") == 0)
+				method = "user";
+			else
+				FAIL(R_PROPERTY, "Destination \"%s\": "
+				    "mail.%s.auth.mechanisms \"%s\": tpmail logs "
+				    "in with one of USER, PLAIN, LOGIN", name,
+				    proto, mechs);
+		}
+	}
+	return json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:b},s:{s:s,s:s?,s:s?}}",
+	    "protocol", proto,
+	    "default_port", strcmp(proto, "pop3s") == 0 ? 995 : 110,
+	    "upstream", "host", host, "port", (int)portn, "tls", tls,
+	    "cafile", cafile, "verify_host", verify,
+	    "auth", "method", method, "user", auth ? user : NULL,
+	    "password", auth ? pw : NULL);
+}

@@ -1,0 +1,121 @@
+/*
+ * main.c: tpmaild, the supervisor, in standalone mode.  Runs in the
+ * foreground (as in a container), logs to stderr, and on SIGTERM or SIGINT
+ * drains every tenant proxy and exits 0 once all are gone.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "supervisor.h"
+#include "secret.h"
+
+struct supervisor	*sup;
+static struct event	*stop_timer;
+
+static void
+supervisor_check_done(void)
+{
+	if (sup->stopping && services_alive() == 0)
+		event_base_loopexit(sup->base, NULL);
+}
+
+static void
+supervisor_stop_timeout_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_pid > 0) {
+			log_warnx("service %s: pid %d still running after the "
+			    "grace period; killing it", sv->sv_key, (int)sv->sv_pid);
+			kill(sv->sv_pid, SIGKILL);
+		}
+}
+
+static void
+supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
+{
+	struct service	*sv, *next;
+
+	if (sig == SIGCHLD) {
+		child_reap();
+		supervisor_check_done();
+		return;
+	}
+	if (sig == SIGHUP) {
+		log_info("SIGHUP: re-reading CRs and destinations");
+		reconcile_all();
+		return;
+	}
+	if (sup->stopping)
+		return;
+	log_info("signal %d: stopping %d tenant proxies", (int)sig,
+	    services_alive());
+	sup->stopping = 1;
+	crdir_stop();
+	control_stop();
+	TAILQ_FOREACH_SAFE(sv, &sup->services, sv_entry, next)
+		service_stop(sv);
+	stop_timer = evtimer_new(sup->base, supervisor_stop_timeout_cb, NULL);
+	event_add(stop_timer, &(struct timeval){ sup->st.drain_grace + 1, 0 });
+	supervisor_check_done();
+}
+
+int
+main(int argc, char *argv[])
+{
+	struct event	*sigs[4];
+	int		 signos[4] = { SIGTERM, SIGINT, SIGCHLD, SIGHUP }, i;
+	struct stat	 sb;
+
+	log_init("tpmaild", LOG_LEVEL_INFO);
+	secret_install();
+	if ((sup = calloc(1, sizeof(*sup))) == NULL)
+		fatal("calloc");
+	if (settings_load(&sup->st, argc, argv) == -1)
+		return 2;
+	log_set_level(sup->st.log_level);
+	signal(SIGPIPE, SIG_IGN);
+	TAILQ_INIT(&sup->services);
+	sup->rejected = json_array();
+
+	if (stat(sup->st.crs_dir, &sb) == -1 || !S_ISDIR(sb.st_mode))
+		fatalx("--crs %s: not a directory", sup->st.crs_dir);
+	if (mkdir(sup->st.state_dir, 0700) == -1 && errno != EEXIST)
+		fatal("cannot create state directory %s", sup->st.state_dir);
+	if (access(sup->st.proxy_path, X_OK) == -1)
+		fatal("proxy binary %s", sup->st.proxy_path);
+
+	if ((sup->base = event_base_new()) == NULL)
+		fatalx("event_base_new");
+	for (i = 0; i < 4; i++) {
+		sigs[i] = evsignal_new(sup->base, signos[i], supervisor_signal_cb,
+		    NULL);
+		evsignal_add(sigs[i], NULL);
+	}
+	ports_load();
+	control_start();
+	crdir_start();
+	log_info("standalone mode: CRs in %s, destinations in %s, control %s",
+	    sup->st.crs_dir, sup->st.destinations, sup->st.control);
+	reconcile_all();
+
+	event_base_dispatch(sup->base);
+
+	log_info("all tenant proxies stopped; exiting");
+	for (i = 0; i < 4; i++)
+		event_free(sigs[i]);
+	if (stop_timer != NULL)
+		event_free(stop_timer);
+	event_base_free(sup->base);
+	json_decref(sup->rejected);
+	json_decref(sup->destinations);
+	json_decref(sup->ports);
+	return 0;
+}

@@ -1,0 +1,167 @@
+/*
+ * reconcile.c: desired tenant services versus running ones.  Every pass
+ * re-reads the CRs and the destinations, derives the set of tenant services
+ * (one per dedicated CR, one per tenant of a shared CR), starts what is new,
+ * pushes changed configuration to what runs (new sessions use it, open ones
+ * are untouched), and drains what is gone.  A CR or tenant that fails is
+ * reported and changes nothing else.  Runs in the supervisor.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "supervisor.h"
+
+#define R_FAILED_TENANTS	"FailedToApplyConfiguration"
+#define R_NAME_PRESENT		"ConfigurationError-K8sResourceWithNameAlreadyPresent"
+
+static struct service *
+service_find(const char *key)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (strcmp(sv->sv_key, key) == 0 && !sv->sv_remove)
+			return sv;
+	return NULL;
+}
+
+/* What the tenant proxy receives: the resolved destination plus limits. */
+static json_t *
+reconcile_config(const char *key, json_t *resolved)
+{
+	json_t	*c;
+
+	c = json_pack("{s:s,s:O,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i},s:s}",
+	    "service", key,
+	    "upstream", json_object_get(resolved, "upstream"),
+	    "auth", json_object_get(resolved, "auth"),
+	    "limits",
+	    "connect_timeout", sup->st.connect_timeout,
+	    "auth_timeout", sup->st.auth_timeout,
+	    "idle_timeout", sup->st.idle_timeout,
+	    "max_sessions", sup->st.max_sessions,
+	    "max_line", sup->st.max_line,
+	    "max_buffer", sup->st.max_buffer,
+	    "log_level", sup->st.log_level == 3 ? "debug" :
+	    sup->st.log_level == 2 ? "info" : "warn");
+	return c;
+}
+
+static void
+reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *msg)
+{
+	log_warnx("CR %s/%s: reason=%s: %s", cr->cr_namespace, cr->cr_name,
+	    reason, msg);
+	json_array_append_new(rejected, json_pack("{s:s,s:s,s:s,s:s,s:s}",
+	    "namespace", cr->cr_namespace, "cr", cr->cr_name, "reason", reason,
+	    "error", msg, "source", cr->cr_source));
+}
+
+/* The tenant services of one CR; returns how many were applied. */
+static void
+reconcile_cr(struct cr *cr, json_t *rejected)
+{
+	struct service	*sv;
+	json_t		*resolved, *failed = json_array();
+	const char	*tenant, *reason = NULL;
+	char		 name[300], key[600], msg[1024], all[4096];
+	size_t		 i, n = cr->cr_tenants ? json_array_size(cr->cr_tenants) : 1;
+	int		 nfailed = 0;
+
+	all[0] = '\0';
+	for (i = 0; i < n; i++) {
+		tenant = cr->cr_tenants ?
+		    json_string_value(json_array_get(cr->cr_tenants, i)) : NULL;
+		snprintf(name, sizeof(name), "%s%s%s", cr->cr_name,
+		    tenant ? "-" : "", tenant ? tenant : "");
+		snprintf(key, sizeof(key), "%s/%s", cr->cr_namespace, name);
+		if ((sv = service_find(key)) != NULL && sv->sv_desired &&
+		    strcmp(sv->sv_cr, cr->cr_name) != 0) {
+			snprintf(msg, sizeof(msg), "service %s is already created "
+			    "for CR %s", key, sv->sv_cr);
+			reason = R_NAME_PRESENT;
+			goto tenant_failed;
+		}
+		resolved = destination_resolve(sup->destinations,
+		    tenant ? tenant : TPMAIL_PROVIDER_TENANT, cr->cr_dest,
+		    &sup->st, &reason, msg, sizeof(msg));
+		if (resolved == NULL)
+			goto tenant_failed;
+		if (sv == NULL)
+			sv = service_new(cr->cr_namespace, name, cr->cr_name, tenant);
+		sv->sv_desired = 1;
+		if (strcmp(sv->sv_cr, cr->cr_name) != 0) {
+			free(sv->sv_cr);
+			sv->sv_cr = strdup(cr->cr_name);
+		}
+		sv->sv_svc_port = cr->cr_port ? cr->cr_port : (int)json_integer_value(
+		    json_object_get(resolved, "default_port"));
+		if (sv->sv_config == NULL) {
+			sv->sv_config = reconcile_config(key, resolved);
+			service_start(sv);
+		} else
+			service_update(sv, reconcile_config(key, resolved));
+		json_decref(resolved);
+		continue;
+tenant_failed:
+		nfailed++;
+		json_array_append_new(failed, json_string(tenant ? tenant :
+		    TPMAIL_PROVIDER_TENANT));
+		snprintf(all + strlen(all), sizeof(all) - strlen(all), "%s%s",
+		    all[0] ? "; " : "", msg);
+	}
+	if (nfailed > 0) {
+		if (cr->cr_tenants == NULL)
+			reject_cr(rejected, cr, reason, msg);
+		else {
+			char	*list = json_dumps(failed, JSON_COMPACT);
+
+			snprintf(msg, sizeof(msg), "Configuration failed for "
+			    "tenants: %s: %s", list ? list : "", all);
+			free(list);
+			reject_cr(rejected, cr, R_FAILED_TENANTS, msg);
+		}
+	}
+	json_decref(failed);
+}
+
+void
+reconcile_all(void)
+{
+	struct service	*sv, *next;
+	struct cr	**crs;
+	json_t		*rejected = json_array(), *dests;
+	char		 err[512];
+	size_t		 n, i;
+
+	if (sup->stopping)
+		return;
+	dests = destinations_load(sup->st.destinations, err, sizeof(err));
+	if (dests == NULL) {
+		log_warnx("destinations file %s: %s%s", sup->st.destinations, err,
+		    sup->destinations ? "; keeping the last good one" : "");
+		if (sup->destinations == NULL)
+			sup->destinations = json_object();
+	} else {
+		json_decref(sup->destinations);
+		sup->destinations = dests;
+	}
+	crs = crdir_load(&n, rejected);
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		sv->sv_desired = 0;
+	for (i = 0; i < n; i++)
+		reconcile_cr(crs[i], rejected);
+	TAILQ_FOREACH_SAFE(sv, &sup->services, sv_entry, next) {
+		if (!sv->sv_desired && !sv->sv_remove)
+			service_stop(sv);
+	}
+	for (i = 0; i < n; i++)
+		cr_free(crs[i]);
+	free(crs);
+	json_decref(sup->rejected);
+	sup->rejected = rejected;
+	log_debug("reconciled: %zu CRs, %zu rejected", n,
+	    json_array_size(rejected));
+}

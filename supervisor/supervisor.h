@@ -1,0 +1,151 @@
+/*
+ * supervisor.h: tpmaild, the supervisor.  It owns everything privileged and
+ * everything that reads configuration: the CR source, the destinations, the
+ * listening sockets, and the tenant proxies it starts, feeds and restarts.
+ */
+#ifndef TPMAIL_SUPERVISOR_H
+#define TPMAIL_SUPERVISOR_H
+
+#include <sys/queue.h>
+#include <sys/types.h>
+
+#include <event2/event.h>
+#include <jansson.h>
+
+#ifndef TAILQ_FOREACH_SAFE
+#define TAILQ_FOREACH_SAFE(var, head, field, tvar)			\
+	for ((var) = TAILQ_FIRST(head);					\
+	    (var) != NULL && ((tvar) = TAILQ_NEXT(var, field), 1);	\
+	    (var) = (tvar))
+#endif
+
+#define TPMAIL_ANNOTATION_TENANTS \
+	"transparent-proxy.connectivity.api.sap/tenant-subdomains"
+#define TPMAIL_CR_API_VERSION	"destination.connectivity.api.sap/v1"
+#define TPMAIL_PROVIDER_TENANT	"provider"
+
+/* Settings from flags and the config file (flags win). */
+struct settings {
+	char	*crs_dir;
+	char	*destinations;
+	char	*state_dir;
+	char	*control;
+	char	*config_file;
+	char	*listen_address;
+	int	 port_min;
+	int	 port_max;
+	char	*proxy_path;
+	int	 log_level;
+	int	 connect_timeout;
+	int	 auth_timeout;
+	int	 idle_timeout;
+	int	 max_sessions;
+	int	 max_line;
+	int	 max_buffer;
+	int	 backoff_max;
+	int	 drain_grace;
+	int	 allow_loopback;
+};
+
+/* One validated Destination CR. */
+struct cr {
+	char	*cr_namespace;
+	char	*cr_name;
+	char	*cr_dest;		/* spec.destinationRef.name */
+	char	*cr_instance;		/* spec.destinationServiceInstanceName */
+	int	 cr_port;		/* spec.service.port, or the protocol's */
+	json_t	*cr_tenants;		/* array of subdomains; NULL: dedicated */
+	char	*cr_source;		/* file it came from */
+};
+
+enum service_state {
+	SERVICE_STARTING,
+	SERVICE_RUNNING,
+	SERVICE_BACKOFF,
+	SERVICE_FAILED,
+	SERVICE_STOPPING,
+};
+
+/* One tenant service: a listening socket and the proxy serving it. */
+struct service {
+	TAILQ_ENTRY(service)	 sv_entry;
+	char			*sv_key;	/* namespace/name */
+	char			*sv_namespace;
+	char			*sv_name;
+	char			*sv_cr;
+	char			*sv_tenant;	/* NULL: dedicated */
+	json_t			*sv_config;	/* what the proxy gets (secrets!) */
+	int			 sv_port;	/* listen port */
+	int			 sv_svc_port;	/* the Service port (CR) */
+	int			 sv_lfd;
+	pid_t			 sv_pid;
+	int			 sv_chan;
+	struct event		*sv_chan_ev;
+	struct event		*sv_timer;	/* backoff */
+	enum service_state	 sv_state;
+	int			 sv_restarts;
+	int			 sv_backoff;	/* seconds, next delay */
+	int			 sv_desired;	/* reconcile mark */
+	int			 sv_remove;	/* drop once the child is gone */
+	time_t			 sv_started;
+	long			 sv_active;
+	long			 sv_total;
+	long			 sv_failed;
+	char			*sv_error;
+};
+TAILQ_HEAD(service_list, service);
+
+struct supervisor {
+	struct settings		 st;
+	struct event_base	*base;
+	struct service_list	 services;
+	json_t			*rejected;	/* array of {namespace,cr,reason,error} */
+	json_t			*destinations;	/* last good destinations file */
+	json_t			*ports;		/* "ns/name" -> port, persisted */
+	int			 stopping;
+};
+
+extern struct supervisor	*sup;
+
+/* settings.c */
+int	 settings_load(struct settings *, int, char **);
+
+/* cr.c */
+struct cr	*cr_parse(json_t *doc, const char *source, json_t *reject);
+void		 cr_free(struct cr *);
+
+/* destination.c */
+json_t	*destinations_load(const char *path, char *err, size_t errsz);
+json_t	*destination_resolve(json_t *dests, const char *tenant, const char *name,
+	    const struct settings *, const char **reason, char *msg, size_t msgsz);
+
+/* crdir.c */
+void	 crdir_start(void);
+void	 crdir_stop(void);
+struct cr **crdir_load(size_t *, json_t *);
+
+/* reconcile.c */
+void	 reconcile_all(void);
+
+/* child.c */
+struct service	*service_new(const char *ns, const char *name, const char *cr,
+		    const char *tenant);
+int	 service_start(struct service *);
+void	 service_update(struct service *, json_t *config);
+void	 service_stop(struct service *);
+void	 service_free(struct service *);
+void	 child_reap(void);
+const char *service_state_name(enum service_state);
+int	 services_alive(void);
+
+/* ports.c */
+void	 ports_load(void);
+int	 ports_bind(struct service *);
+void	 ports_release(const char *key);
+
+/* control.c */
+void	 control_start(void);
+void	 control_stop(void);
+json_t	*control_status(void);
+
+#endif
