@@ -28,8 +28,6 @@ reject(json_t *rej, const char *ns, const char *name, const char *source,
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	log_warnx("CR %s/%s (%s) rejected: reason=%s: %s", ns ? ns : "?",
-	    name ? name : "?", source, reason, msg);
 	json_array_append_new(rej, json_pack("{s:s?,s:s?,s:s,s:s,s:s}",
 	    "namespace", ns, "cr", name, "reason", reason, "error", msg,
 	    "source", source));

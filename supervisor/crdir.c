@@ -19,7 +19,7 @@
 
 #define CRDIR_DEBOUNCE_MS	150
 
-static int		 crdir_fd = -1;
+static int		 crdir_fd = -1, crdir_wd = -1, dest_wd = -1;
 static struct event	*crdir_ev, *crdir_timer;
 static char		*dest_base;
 
@@ -35,17 +35,43 @@ crdir_schedule(void)
 	event_add(crdir_timer, &(struct timeval){ 0, CRDIR_DEBOUNCE_MS * 1000 });
 }
 
+static int	crdir_wanted(const char *);
+
+/* Does this event concern a CR file or the destinations file? */
+static int
+crdir_relevant(const struct inotify_event *ie)
+{
+	if (ie->wd == crdir_wd)
+		return ie->len == 0 || crdir_wanted(ie->name);
+	if (ie->wd == dest_wd)
+		return ie->len > 0 && strcmp(ie->name, dest_base) == 0;
+	return 0;
+}
+
 static void
 crdir_read_cb(evutil_socket_t fd, short ev, void *arg)
 {
-	char	buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
-	ssize_t	n;
+	char			 buf[8192]
+	    __attribute__((aligned(__alignof__(struct inotify_event))));
+	const struct inotify_event *ie;
+	ssize_t			 n;
+	char			*p;
+	int			 relevant = 0;
 
-	while ((n = read(crdir_fd, buf, sizeof(buf))) > 0)
-		;	/* which file changed does not matter: all are re-read */
+	while ((n = read(crdir_fd, buf, sizeof(buf))) > 0) {
+		for (p = buf; p < buf + n; p += sizeof(*ie) + ie->len) {
+			ie = (const struct inotify_event *)p;
+			if (ie->mask & IN_Q_OVERFLOW)
+				relevant = 1;
+			else if (crdir_relevant(ie))
+				relevant = 1;
+		}
+	}
 	if (n == -1 && errno != EAGAIN)
 		log_warn("inotify read");
-	crdir_schedule();
+	/* which file changed does not matter: all are re-read */
+	if (relevant)
+		crdir_schedule();
 }
 
 void
@@ -55,16 +81,17 @@ crdir_start(void)
 
 	if ((crdir_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC)) == -1)
 		fatal("inotify_init1");
-	if (inotify_add_watch(crdir_fd, sup->st.crs_dir, IN_CREATE | IN_DELETE |
+	if ((crdir_wd = inotify_add_watch(crdir_fd, sup->st.crs_dir, IN_CREATE | IN_DELETE |
 	    IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_MODIFY |
-	    IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF) == -1)
+	    IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)) == -1)
 		fatal("cannot watch %s", sup->st.crs_dir);
 	/* watch the destinations file's directory: editors replace files */
 	d1 = strdup(sup->st.destinations);
 	d2 = strdup(sup->st.destinations);
 	dest_base = strdup(basename(d2));
-	if (inotify_add_watch(crdir_fd, dirname(d1), IN_CREATE | IN_DELETE |
-	    IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_MODIFY) == -1)
+	if ((dest_wd = inotify_add_watch(crdir_fd, dirname(d1), IN_CREATE |
+	    IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM |
+	    IN_MODIFY)) == -1)
 		log_warn("cannot watch the directory of %s", sup->st.destinations);
 	free(d1);
 	free(d2);

@@ -52,8 +52,6 @@ reconcile_config(const char *key, json_t *resolved)
 static void
 reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *msg)
 {
-	log_warnx("CR %s/%s: reason=%s: %s", cr->cr_namespace, cr->cr_name,
-	    reason, msg);
 	json_array_append_new(rejected, json_pack("{s:s,s:s,s:s,s:s,s:s}",
 	    "namespace", cr->cr_namespace, "cr", cr->cr_name, "reason", reason,
 	    "error", msg, "source", cr->cr_source));
@@ -127,6 +125,31 @@ tenant_failed:
 	json_decref(failed);
 }
 
+/* Log each rejection once, when it appears, not on every pass. */
+static void
+reconcile_log_rejected(json_t *old, json_t *now)
+{
+	json_t	*r, *o;
+	size_t	 i, j;
+	int	 seen;
+
+	json_array_foreach(now, i, r) {
+		seen = 0;
+		json_array_foreach(old, j, o)
+			if (json_equal(r, o))
+				seen = 1;
+		if (!seen)
+			log_warnx("CR %s/%s (%s) rejected: reason=%s: %s",
+			    json_string_value(json_object_get(r, "namespace")) ?
+			    json_string_value(json_object_get(r, "namespace")) : "?",
+			    json_string_value(json_object_get(r, "cr")) ?
+			    json_string_value(json_object_get(r, "cr")) : "?",
+			    json_string_value(json_object_get(r, "source")),
+			    json_string_value(json_object_get(r, "reason")),
+			    json_string_value(json_object_get(r, "error")));
+	}
+}
+
 void
 reconcile_all(void)
 {
@@ -160,6 +183,7 @@ reconcile_all(void)
 	for (i = 0; i < n; i++)
 		cr_free(crs[i]);
 	free(crs);
+	reconcile_log_rejected(sup->rejected, rejected);
 	json_decref(sup->rejected);
 	sup->rejected = rejected;
 	log_debug("reconciled: %zu CRs, %zu rejected", n,
