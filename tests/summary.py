@@ -1,0 +1,61 @@
+#!/usr/bin/python3
+"""Count test results over every suite and print one line: N passed, M failed.
+
+Reads JUnit XML files (cmocka's and pytest's) from a directory, and checks a
+sanitizer log directory: any ASan/UBSan/LSan report there is one failure,
+named with its file, because a sanitizer finding in a child process would
+otherwise show only as a restarted proxy.
+
+    summary.py JUNIT_DIR SANITIZER_DIR
+"""
+import glob
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+
+def main():
+    junit_dir, san_dir = sys.argv[1], sys.argv[2]
+    passed = failed = skipped = 0
+    files = sorted(glob.glob(os.path.join(junit_dir, "*.xml")))
+    for path in files:
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as e:
+            print("unreadable results %s: %s" % (path, e))
+            failed += 1
+            continue
+        for case in root.iter("testcase"):
+            name = "%s::%s" % (case.get("classname", ""), case.get("name", ""))
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed += 1
+                print("FAILED %s (%s)" % (name, os.path.basename(path)))
+            elif case.find("skipped") is not None:
+                skipped += 1
+            else:
+                passed += 1
+    unit = [f for f in files if os.path.basename(f).startswith("unit-")]
+    if not unit:
+        print("no unit test results were written")
+        failed += 1
+    if not any(os.path.basename(f) == "integration.xml" for f in files):
+        print("no integration test results were written")
+        failed += 1
+    reports = sorted(glob.glob(os.path.join(san_dir, "*")))
+    if reports:
+        failed += 1
+        for r in reports:
+            print("SANITIZER REPORT %s:" % r)
+            with open(r, errors="replace") as f:
+                print(f.read()[:4000])
+    else:
+        passed += 1     # the sanitizer check itself
+    line = "%d passed, %d failed" % (passed, failed)
+    if skipped:
+        line += ", %d skipped" % skipped
+    print(line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
