@@ -97,6 +97,14 @@ yaml_to_json(const char *buf, size_t len, char *err, size_t errsz)
 			break;
 		case YAML_SEQUENCE_START_EVENT:
 		case YAML_MAPPING_START_EVENT:
+			if ((ev.type == YAML_SEQUENCE_START_EVENT ?
+			    ev.data.sequence_start.anchor :
+			    ev.data.mapping_start.anchor) != NULL) {
+				set_err(err, errsz, "YAML anchors are not supported",
+				    &ev.start_mark);
+				ok = 0;
+				break;
+			}
 			if (depth + 1 >= (int)(sizeof(stack) / sizeof(stack[0]))) {
 				set_err(err, errsz, "YAML nested too deeply",
 				    &ev.start_mark);

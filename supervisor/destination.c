@@ -6,6 +6,7 @@
  * naming the property, never guessed.  Runs in the supervisor.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -32,7 +33,20 @@ destinations_load(const char *path, char *err, size_t errsz)
 	const char	*tenant, *key;
 	size_t		 i;
 
-	if ((docs = yaml_json_load_file(path, err, errsz)) == NULL)
+	const char	*dot = strrchr(path, '.');
+	json_error_t	 jerr;
+
+	if (dot != NULL && strcmp(dot, ".json") == 0) {
+		/* exactly one JSON value: a wrapping list is an error here */
+		if ((root = json_load_file(path, JSON_REJECT_DUPLICATES,
+		    &jerr)) == NULL) {
+			snprintf(err, errsz, "JSON error: %s at line %d column %d",
+			    jerr.text, jerr.line, jerr.column);
+			return NULL;
+		}
+		docs = json_array();
+		json_array_append_new(docs, root);
+	} else if ((docs = yaml_json_load_file(path, err, errsz)) == NULL)
 		return NULL;
 	root = json_array_get(docs, 0);
 	if (json_array_size(docs) != 1 || !json_is_object(root)) {
@@ -106,7 +120,8 @@ is_loopback(const char *host)
 	if (inet_pton(AF_INET, host, &a4) == 1)
 		return (ntohl(a4.s_addr) >> 24) == 127;
 	if (inet_pton(AF_INET6, host, &a6) == 1)
-		return IN6_IS_ADDR_LOOPBACK(&a6);
+		return IN6_IS_ADDR_LOOPBACK(&a6) || (IN6_IS_ADDR_V4MAPPED(&a6) &&
+		    a6.s6_addr[12] == 127);
 	return 0;
 }
 
@@ -177,6 +192,12 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 	plen = strlen(proto);
 	json_object_foreach(d, key, v) {
 		if (strncmp(key, "mail.", 5) == 0 &&
+		    strncmp(key + 5, other, strlen(other)) == 0 &&
+		    key[5 + strlen(other)] == '.')
+			FAIL(R_PROPERTY, "Destination \"%s\": %s is set but "
+			    "mail.transport.protocol is %s: use mail.%s.%s", name,
+			    key, proto, proto, key + 6 + strlen(other));
+		if (strncmp(key, "mail.", 5) == 0 &&
 		    strncmp(key + 5, proto, plen) == 0 && key[5 + plen] == '.') {
 			const char	*sub = key + 6 + plen;
 			size_t		 k;
@@ -211,7 +232,8 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 	else {
 		errno = 0;
 		portn = strtol(port, &end, 10);
-		if (*port == '\0' || *end != '\0' || errno || portn < 1 ||
+		if (!isdigit((unsigned char)*port) || *end != '\0' || errno ||
+		    portn < 1 ||
 		    portn > 65535)
 			FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.port \"%s\" "
 			    "is not a port number (1-65535)", name, proto, port);

@@ -73,6 +73,7 @@ main(int argc, char *argv[])
 	struct event	*sigs[4];
 	int		 signos[4] = { SIGTERM, SIGINT, SIGCHLD, SIGHUP }, i;
 	struct stat	 sb;
+	sigset_t	 mask;
 
 	log_init("tpmaild", LOG_LEVEL_INFO);
 	secret_install();
@@ -82,6 +83,11 @@ main(int argc, char *argv[])
 		return 2;
 	log_set_level(sup->st.log_level);
 	signal(SIGPIPE, SIG_IGN);
+	/* a parent may have left these blocked; we depend on them */
+	sigemptyset(&mask);
+	for (i = 0; i < 4; i++)
+		sigaddset(&mask, signos[i]);
+	sigprocmask(SIG_UNBLOCK, &mask, NULL);
 	TAILQ_INIT(&sup->services);
 	sup->rejected = json_array();
 
