@@ -32,9 +32,12 @@ enum msg_type {
 	MSG_UPDATE = 101,	/* body: new config for new sessions; no fd */
 	MSG_DRAIN = 102,	/* body: {"grace": seconds} stop accepting, finish, exit */
 	MSG_STATS_REQ = 103,	/* body: {} ask for MSG_STATS */
+	MSG_CA = 104,		/* body: {"source"}; fd: PEM trust store to read,
+				   for the CONFIG/UPDATE that follows */
+	MSG_TEST_SYSCALL = 190,	/* test builds only: {"syscall": name} */
 
 	MSG_HELLO = 200,	/* body: {"pid": n} */
-	MSG_READY = 201,	/* body: {} listening and serving */
+	MSG_READY = 201,	/* body: {"sandbox": report} serving */
 	MSG_STATS = 202,	/* body: {"active","total","failed"} counters */
 	MSG_EVENT = 203,	/* body: {"error": "..."} a session-level failure */
 };

@@ -5,6 +5,7 @@
  * supervisor is a bug and fatal.  A configuration is reference counted: an
  * update applies to new sessions while open ones keep theirs.
  */
+#include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,8 +73,40 @@ lookup_name(const char *s, int which, int *out)
 }
 
 /* Build a configuration from a CONFIG body; NULL with *err on bad shape. */
+/* The supervisor resolved the host: numeric addresses only, no DNS here. */
+static int
+config_addresses(struct proxy_config *c, json_t *arr)
+{
+	struct sockaddr_in	*sin;
+	struct sockaddr_in6	*sin6;
+	json_t			*v;
+	size_t			 i;
+	const char		*a;
+
+	json_array_foreach(arr, i, v) {
+		if (c->naddrs == 4)
+			break;
+		if ((a = json_string_value(v)) == NULL)
+			return -1;
+		memset(&c->addrs[c->naddrs], 0, sizeof(c->addrs[0]));
+		sin = (struct sockaddr_in *)&c->addrs[c->naddrs];
+		sin6 = (struct sockaddr_in6 *)&c->addrs[c->naddrs];
+		if (inet_pton(AF_INET, a, &sin->sin_addr) == 1) {
+			sin->sin_family = AF_INET;
+			sin->sin_port = htons(c->port);
+			c->addrlens[c->naddrs++] = sizeof(*sin);
+		} else if (inet_pton(AF_INET6, a, &sin6->sin6_addr) == 1) {
+			sin6->sin6_family = AF_INET6;
+			sin6->sin6_port = htons(c->port);
+			c->addrlens[c->naddrs++] = sizeof(*sin6);
+		} else
+			return -1;
+	}
+	return c->naddrs > 0 ? 0 : -1;
+}
+
 struct proxy_config *
-config_parse(json_t *body, const char **err)
+config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 {
 	struct proxy_config	*c;
 	json_t			*up, *auth, *lim;
@@ -89,7 +122,7 @@ config_parse(json_t *body, const char **err)
 	lim = json_object_get(body, "limits");
 	c->service = get_str(body, "service");
 	c->host = get_str(up, "host");
-	c->cafile = get_str(up, "cafile");
+	c->ca_source = get_str(up, "ca");
 	c->user = get_str(auth, "user");
 	c->password = get_str(auth, "password");
 	*err = NULL;
@@ -97,6 +130,8 @@ config_parse(json_t *body, const char **err)
 		*err = "service or upstream.host missing";
 	else if (get_int(up, "port", 0, 1, 65535, &c->port) || c->port == 0)
 		*err = "upstream.port invalid";
+	else if (config_addresses(c, json_object_get(up, "addresses")) == -1)
+		*err = "upstream.addresses invalid";
 	else if (lookup_name(json_string_value(json_object_get(up, "tls")),
 	    0, &v))
 		*err = "upstream.tls invalid";
@@ -120,9 +155,8 @@ config_parse(json_t *body, const char **err)
 	    get_int(lim, "max_buffer", PARAM_MAX_BUFFER, 4096, 1 << 30,
 	    &c->max_buffer))
 		*err = "limits invalid";
-	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE) {
-		c->ssl_ctx = tls_ctx_new(c->cafile, err);
-	}
+	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE)
+		c->ssl_ctx = tls_ctx_new(ca, calen, err);
 	if (*err != NULL) {
 		config_unref(c);
 		return NULL;
@@ -143,7 +177,7 @@ config_unref(struct proxy_config *c)
 		return;
 	free(c->service);
 	free(c->host);
-	free(c->cafile);
+	free(c->ca_source);
 	free(c->user);
 	secret_free(c->password);
 	if (c->ssl_ctx != NULL)

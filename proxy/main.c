@@ -1,9 +1,10 @@
 /*
  * main.c: tpmail-pop3, the tenant proxy.  Started by tpmaild with fork and
  * exec (see include/proto.h for the launch contract), one process per tenant
- * service.  It receives its listening socket and configuration over the
- * channel on fd 3, then serves POP3 sessions with libevent until the
- * channel closes or a DRAIN arrives.  It never runs as a standalone server.
+ * service.  It receives its trust store, listening socket and configuration
+ * over the channel on fd 3, sandboxes itself (include/sandbox.h) before it
+ * reads a byte from the network, then serves POP3 sessions with libevent
+ * until the channel closes or a DRAIN arrives.
  */
 #include <errno.h>
 #include <poll.h>
@@ -11,12 +12,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <fcntl.h>
 #include <unistd.h>
 
-#include <event2/dns.h>
 #include <event2/event.h>
 #include <openssl/ssl.h>
 
@@ -24,9 +25,14 @@
 #include "msg.h"
 #include "params.h"
 #include "proxy.h"
+#include "sandbox.h"
 #include "secret.h"
 
 struct proxy	*proxy;
+
+/* A trust store passed with MSG_CA, for the configuration that follows. */
+static char	*pending_ca;
+static size_t	 pending_ca_len;
 
 static void
 proxy_send(int type, json_t *body)
@@ -101,6 +107,84 @@ proxy_apply_log_level(json_t *body)
 		log_set_level(l);
 }
 
+/* Read a passed trust store (a file or memfd) whole; fatal if unreadable. */
+static void
+proxy_take_ca(int fd)
+{
+	char	*buf = NULL, *nb;
+	size_t	 len = 0, cap = 0;
+	ssize_t	 n;
+
+	free(pending_ca);
+	for (;;) {
+		if (len + 65536 > cap) {
+			cap = cap ? cap * 2 : 262144;
+			if (cap > 16 * 1024 * 1024 || (nb = realloc(buf, cap)) == NULL)
+				fatalx("CA store too large");
+			buf = nb;
+		}
+		n = read(fd, buf + len, cap - len);
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (n == -1)
+			fatal("read CA store");
+		if (n == 0)
+			break;
+		len += n;
+	}
+	close(fd);
+	pending_ca = buf;
+	pending_ca_len = len;
+}
+
+static struct proxy_config *
+proxy_config_from(json_t *body, const char *what)
+{
+	struct proxy_config	*c;
+	const char		*err;
+
+	c = config_parse(body, pending_ca, pending_ca_len, &err);
+	free(pending_ca);
+	pending_ca = NULL;
+	pending_ca_len = 0;
+	if (c == NULL)
+		fatalx("bad %s from the supervisor: %s", what, err);
+	return c;
+}
+
+#ifdef TPMAIL_SANDBOX_TESTING
+/*
+ * Test builds only: make one forbidden system call on request, so the tests
+ * can see the filter kill the process (or fail the call softly).
+ */
+static void
+proxy_test_syscall(json_t *body)
+{
+	const char	*name = json_string_value(json_object_get(body, "syscall"));
+	long		 r = 0;
+
+	if (name == NULL)
+		return;
+	log_warnx("test: calling forbidden %s", name);
+	if (strcmp(name, "ptrace") == 0)
+		r = ptrace(PTRACE_ATTACH, getppid(), NULL, NULL);
+	else if (strcmp(name, "kill") == 0)
+		r = kill(getppid(), 0);
+	else if (strcmp(name, "execve") == 0)
+		r = execve("/bin/true", (char *[]){ "true", NULL }, NULL);
+	else if (strcmp(name, "openat") == 0)
+		r = openat(AT_FDCWD, "/etc/passwd", O_RDONLY);
+	else if (strcmp(name, "socket_unix") == 0)
+		r = socket(AF_UNIX, SOCK_STREAM, 0);
+	else if (strcmp(name, "process_vm_readv") == 0)
+		r = syscall(SYS_process_vm_readv, getppid(), NULL, 0, NULL, 0, 0);
+	else if (strcmp(name, "setuid") == 0)
+		r = setuid(0);
+	proxy_send(MSG_EVENT, json_pack("{s:s++i}", "error", "test syscall ",
+	    name, " returned ", (int)r, r == -1 ? errno : 0));
+}
+#endif
+
 static void
 proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 {
@@ -121,10 +205,15 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 	if (r == -2)
 		fatalx("malformed message from the supervisor: %s", err);
 	switch (m.type) {
+	case MSG_CA:
+		if (m.fd == -1)
+			fatalx("CA without a descriptor");
+		proxy_take_ca(m.fd);
+		m.fd = -1;
+		break;
 	case MSG_UPDATE:
 		/* new sessions use it; open ones keep the one they began with */
-		if ((c = config_parse(m.body, &err)) == NULL)
-			fatalx("bad UPDATE from the supervisor: %s", err);
+		c = proxy_config_from(m.body, "UPDATE");
 		config_unref(proxy->cfg);
 		proxy->cfg = c;
 		proxy_apply_log_level(m.body);
@@ -137,65 +226,63 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 	case MSG_STATS_REQ:
 		proxy_send_stats();
 		break;
+#ifdef TPMAIL_SANDBOX_TESTING
+	case MSG_TEST_SYSCALL:
+		proxy_test_syscall(m.body);
+		break;
+#endif
 	default:
 		fatalx("unexpected %s from the supervisor", msg_type_name(m.type));
 	}
 	msg_free(&m);
 }
 
-/* Wait for the one CONFIG message, with the listening socket attached. */
+/* Wait for [CA] + CONFIG, the listening socket attached to CONFIG. */
 static int
-proxy_receive_config(void)
+proxy_receive_config(json_t **sandbox)
 {
 	struct pollfd	 pfd = { .fd = proxy->chan, .events = POLLIN };
 	struct msg	 m;
 	const char	*err;
 	int		 r, fd;
 
-	r = poll(&pfd, 1, PARAM_CONFIG_TIMEOUT * 1000);
-	if (r == 0)
-		fatalx("no configuration from the supervisor within %d s",
-		    PARAM_CONFIG_TIMEOUT);
-	if (r == -1)
-		fatal("poll");
-	r = msg_recv(proxy->chan, &m, &err);
-	if (r == 0)
-		fatalx("supervisor closed the channel before configuring us");
-	if (r == -1)
-		fatal("channel receive");
-	if (r == -2)
-		fatalx("malformed message from the supervisor: %s", err);
-	if (m.type != MSG_CONFIG || m.fd == -1)
-		fatalx("expected CONFIG with a socket, got %s",
-		    msg_type_name(m.type));
-	if ((proxy->cfg = config_parse(m.body, &err)) == NULL)
-		fatalx("bad CONFIG from the supervisor: %s", err);
+	for (;;) {
+		r = poll(&pfd, 1, PARAM_CONFIG_TIMEOUT * 1000);
+		if (r == 0)
+			fatalx("no configuration from the supervisor within %d s",
+			    PARAM_CONFIG_TIMEOUT);
+		if (r == -1)
+			fatal("poll");
+		r = msg_recv(proxy->chan, &m, &err);
+		if (r == 0)
+			fatalx("supervisor closed the channel before configuring us");
+		if (r == -1)
+			fatal("channel receive");
+		if (r == -2)
+			fatalx("malformed message from the supervisor: %s", err);
+		if (m.type == MSG_CA && m.fd != -1) {
+			proxy_take_ca(m.fd);
+			m.fd = -1;
+			msg_free(&m);
+			continue;
+		}
+		if (m.type != MSG_CONFIG || m.fd == -1)
+			fatalx("expected CONFIG with a socket, got %s",
+			    msg_type_name(m.type));
+		break;
+	}
+	proxy->cfg = proxy_config_from(m.body, "CONFIG");
 	proxy_apply_log_level(m.body);
+	*sandbox = json_incref(json_object_get(m.body, "sandbox"));
 	fd = m.fd;
 	m.fd = -1;
 	msg_free(&m);
 	return fd;
 }
 
-/* What needs no privilege and must hold before any network byte is read. */
-static void
-proxy_harden(void)
-{
-	struct rlimit	rl = { 0, 0 };
-
-	if (setrlimit(RLIMIT_CORE, &rl) == -1)
-		fatal("setrlimit(RLIMIT_CORE)");
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
-		fatal("prctl(PR_SET_DUMPABLE)");
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
-		fatal("prctl(PR_SET_NO_NEW_PRIVS)");
-	if (prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) == -1)
-		fatal("prctl(PR_SET_PDEATHSIG)");
-}
-
 /* The channel must be a SOCK_SEQPACKET socket: we were started by tpmaild. */
 static int
-fcntl_check_channel(int fd)
+proxy_check_channel(int fd)
 {
 	int		type;
 	socklen_t	len = sizeof(type);
@@ -205,19 +292,60 @@ fcntl_check_channel(int fd)
 	return type == SOCK_SEQPACKET ? 0 : -1;
 }
 
+/* The listening socket must be a listening TCP socket. */
+static void
+proxy_check_listener(int fd)
+{
+	int		v;
+	socklen_t	len = sizeof(v);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == -1 || !v)
+		fatalx("the passed socket is not listening");
+	len = sizeof(v);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) == -1 ||
+	    v != SOCK_STREAM)
+		fatalx("the passed socket is not a stream socket");
+}
+
 static void
 proxy_signal_cb(evutil_socket_t sig, short ev, void *arg)
 {
 	proxy_drain(PARAM_DRAIN_GRACE, "signal");
 }
 
+/* Confine ourselves as the supervisor's policy says. */
+static json_t *
+proxy_sandbox(json_t *sb, int lfd)
+{
+	struct sandbox_policy	pol;
+	json_t			*v;
+
+	memset(&pol, 0, sizeof(pol));
+	pol.uid = (uid_t)-1;
+	pol.gid = (gid_t)-1;
+	if ((v = json_object_get(sb, "uid")) != NULL && json_is_integer(v))
+		pol.uid = json_integer_value(v);
+	if ((v = json_object_get(sb, "gid")) != NULL && json_is_integer(v))
+		pol.gid = json_integer_value(v);
+	pol.chroot = json_string_value(json_object_get(sb, "chroot"));
+	pol.strict = json_is_true(json_object_get(sb, "strict"));
+	pol.channel_fd = proxy->chan;
+	pol.listen_fd = lfd;
+	/* two per session, plus room for the loop, the channel and stderr */
+	pol.max_fds = proxy->cfg->max_sessions * 2 + 64;
+	return sandbox_enter(&pol);
+}
+
 int
 main(int argc, char *argv[])
 {
-	struct event	*sigterm, *sigint;
-	char		 ctx[300];
-	int		 lfd;
+	struct event		*sigterm, *sigint;
+	struct event_config	*ecfg;
+	json_t			*sb = NULL, *report;
+	char			 ctx[300];
+	int			 lfd, keep[2];
 
+	sandbox_early();
 	log_init("tpmail-pop3", LOG_LEVEL_INFO);
 	if (argc != 2)
 		fatalx("usage: tpmail-pop3 <namespace>/<service> (started by "
@@ -226,21 +354,29 @@ main(int argc, char *argv[])
 	log_set_context(ctx);
 	secret_install();
 	signal(SIGPIPE, SIG_IGN);
-	proxy_harden();
 
 	if ((proxy = calloc(1, sizeof(*proxy))) == NULL)
 		fatal("calloc");
 	proxy->chan = PROTO_CHANNEL_FD;
-	if (fcntl_check_channel(proxy->chan) == -1)
+	if (proxy_check_channel(proxy->chan) == -1)
 		fatalx("no channel on fd %d: tpmail-pop3 is started by tpmaild",
 		    PROTO_CHANNEL_FD);
 	proxy_send(MSG_HELLO, json_pack("{s:i}", "pid", (int)getpid()));
-	lfd = proxy_receive_config();
+	lfd = proxy_receive_config(&sb);
+	proxy_check_listener(lfd);
 
-	if ((proxy->base = event_base_new()) == NULL)
+	/* nothing but stdio, the channel and the listener survives */
+	keep[0] = proxy->chan;
+	keep[1] = lfd;
+	sandbox_close_fds(keep, 2);
+	sandbox_preload();
+
+	if ((ecfg = event_config_new()) == NULL)
+		fatalx("event_config_new");
+	event_config_set_flag(ecfg, EVENT_BASE_FLAG_IGNORE_ENV);
+	if ((proxy->base = event_base_new_with_config(ecfg)) == NULL)
 		fatalx("event_base_new");
-	proxy->dns = evdns_base_new(proxy->base,
-	    EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	event_config_free(ecfg);
 	listener_start(lfd);
 	evutil_make_socket_nonblocking(proxy->chan);
 	proxy->chan_ev = event_new(proxy->base, proxy->chan, EV_READ | EV_PERSIST,
@@ -250,9 +386,12 @@ main(int argc, char *argv[])
 	sigint = evsignal_new(proxy->base, SIGINT, proxy_signal_cb, NULL);
 	evsignal_add(sigterm, NULL);
 	evsignal_add(sigint, NULL);
-	proxy_send(MSG_READY, json_object());
-	log_info("serving upstream=%s:%d max_sessions=%d", proxy->cfg->host,
-	    proxy->cfg->port, proxy->cfg->max_sessions);
+
+	report = proxy_sandbox(sb, lfd);
+	json_decref(sb);
+	proxy_send(MSG_READY, json_pack("{s:o}", "sandbox", report));
+	log_info("serving upstream=%s:%d tls=%d max_sessions=%d", proxy->cfg->host,
+	    proxy->cfg->port, proxy->cfg->tls, proxy->cfg->max_sessions);
 
 	event_base_dispatch(proxy->base);
 
@@ -268,8 +407,6 @@ main(int argc, char *argv[])
 		event_free(proxy->drain_timer);
 	if (proxy->accept_pause)
 		event_free(proxy->accept_pause);
-	if (proxy->dns)
-		evdns_base_free(proxy->dns, 0);
 	event_base_free(proxy->base);
 	free(proxy);
 	return 0;

@@ -5,6 +5,7 @@
 #define TPMAIL_PROXY_H
 
 #include <sys/queue.h>
+#include <sys/socket.h>
 #include <jansson.h>
 #include <event2/event.h>
 #include <event2/bufferevent.h>
@@ -32,10 +33,13 @@ enum upstream_auth {
 struct proxy_config {
 	int			 refs;		/* sessions keep the config they began with */
 	char			*service;	/* namespace/name */
-	char			*host;
+	char			*host;		/* for SNI and the certificate check */
 	int			 port;
+	struct sockaddr_storage	 addrs[4];	/* resolved by the supervisor */
+	socklen_t		 addrlens[4];
+	int			 naddrs;
 	enum upstream_tls	 tls;
-	char			*cafile;	/* NULL: system trust */
+	char			*ca_source;	/* where the CA came from, for logs */
 	int			 verify_host;
 	enum upstream_auth	 auth;
 	char			*user;
@@ -51,7 +55,6 @@ struct proxy_config {
 
 struct proxy {
 	struct event_base	*base;
-	struct evdns_base	*dns;
 	struct proxy_config	*cfg;
 	struct evconnlistener	*listener;
 	struct event		*chan_ev;
@@ -68,7 +71,8 @@ struct proxy {
 extern struct proxy	*proxy;
 
 /* config.c */
-struct proxy_config	*config_parse(json_t *, const char **);
+struct proxy_config	*config_parse(json_t *, const char *ca, size_t calen,
+			    const char **);
 void			 config_ref(struct proxy_config *);
 void			 config_unref(struct proxy_config *);
 
@@ -99,7 +103,7 @@ int		 upstream_pipelining(struct upstream *);
 void		 upstream_free(struct upstream *);
 
 /* tls.c */
-SSL_CTX	*tls_ctx_new(const char *cafile, const char **err);
+SSL_CTX	*tls_ctx_new(const char *ca, size_t calen, const char **err);
 SSL	*tls_ssl_new(struct proxy_config *);
 const char *tls_error_string(struct bufferevent *);
 

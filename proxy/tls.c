@@ -11,15 +11,25 @@
 #include <arpa/inet.h>
 #include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
 #include "log.h"
 #include "proxy.h"
 
+/*
+ * The trust store arrives as PEM bytes: the sandboxed proxy cannot open
+ * files, so the supervisor passes the destination's CA file (or the
+ * system bundle) as an open descriptor, read before use.
+ */
 SSL_CTX *
-tls_ctx_new(const char *cafile, const char **err)
+tls_ctx_new(const char *ca, size_t calen, const char **err)
 {
-	SSL_CTX	*ctx;
+	SSL_CTX		*ctx;
+	X509_STORE	*store;
+	X509		*x;
+	BIO		*bio;
+	int		 n = 0;
 
 	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL) {
 		*err = "cannot create TLS context";
@@ -28,15 +38,21 @@ tls_ctx_new(const char *cafile, const char **err)
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
-	if (cafile != NULL) {
-		if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1) {
-			*err = "cannot load the destination's CA file";
-			SSL_CTX_free(ctx);
-			return NULL;
-		}
-	} else if (SSL_CTX_load_verify_locations(ctx, NULL,
-	    X509_get_default_cert_dir()) != 1) {
-		*err = "cannot use the system CA directory";
+	store = SSL_CTX_get_cert_store(ctx);
+	if (ca == NULL || (bio = BIO_new_mem_buf(ca, calen)) == NULL) {
+		*err = "no CA certificates to verify the mail server with";
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+		if (X509_STORE_add_cert(store, x) == 1)
+			n++;
+		X509_free(x);
+	}
+	BIO_free(bio);
+	ERR_clear_error();	/* the end of the PEM stream reads as an error */
+	if (n == 0) {
+		*err = "the CA file holds no certificate";
 		SSL_CTX_free(ctx);
 		return NULL;
 	}

@@ -16,7 +16,6 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
-#include <event2/dns.h>
 #include <openssl/evp.h>
 
 #include "log.h"
@@ -60,12 +59,14 @@ struct upstream {
 	int			 up_stls;
 	int			 up_sasl_plain;
 	int			 up_sasl_login;
+	int			 up_addr;	/* index of the address being tried */
 };
 
 static void	upstream_enter_state(struct upstream *, enum upstream_state);
 static void	upstream_response(struct upstream *, const char *, size_t);
 static void	upstream_read_cb(struct bufferevent *, void *);
 static void	upstream_event_cb(struct bufferevent *, short, void *);
+static int	upstream_connect(struct upstream *);
 
 static const char *
 upstream_strstate(enum upstream_state st)
@@ -580,14 +581,16 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (what & BEV_EVENT_ERROR) {
 		err = EVUTIL_SOCKET_ERROR();
 		if (u->up_state == UP_CONNECT &&
-		    (err = bufferevent_socket_get_dns_error(bev)) != 0)
-			snprintf(reason, sizeof(reason),
-			    "cannot resolve the mail server: %s",
-			    evutil_gai_strerror(err));
-		else
-			snprintf(reason, sizeof(reason),
-			    "cannot reach the mail server: %s",
-			    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+		    u->up_addr + 1 < u->up_cfg->naddrs) {
+			/* the next address of the mail server */
+			u->up_addr++;
+			if (upstream_connect(u) == -1)
+				upstream_fail(u, "SYS/TEMP",
+				    "cannot connect to the mail server");
+			return;
+		}
+		snprintf(reason, sizeof(reason), "cannot reach the mail server: %s",
+		    evutil_socket_error_to_string(err));
 		upstream_fail(u, "SYS/TEMP", reason);
 		return;
 	}
@@ -598,6 +601,30 @@ static void
 upstream_auth_timer_start(struct upstream *u)
 {
 	event_add(u->up_timer, &(struct timeval){ u->up_cfg->auth_timeout, 0 });
+}
+
+/* Connect to the current address, on a fresh plain bufferevent. */
+static int
+upstream_connect(struct upstream *u)
+{
+	struct proxy_config	*cfg = u->up_cfg;
+	evutil_socket_t		 fd;
+
+	if (u->up_bev != NULL) {
+		fd = bufferevent_getfd(u->up_bev);
+		bufferevent_free(u->up_bev);
+		if (fd != -1)
+			close(fd);
+	}
+	/* No CLOSE_ON_FREE: the socket outlives this bufferevent when TLS starts. */
+	if ((u->up_bev = bufferevent_socket_new(proxy->base, -1, 0)) == NULL)
+		return -1;
+	bufferevent_setcb(u->up_bev, upstream_read_cb, NULL, upstream_event_cb, u);
+	bufferevent_set_timeouts(u->up_bev, &(struct timeval){
+	    cfg->connect_timeout, 0 }, &(struct timeval){ cfg->connect_timeout, 0 });
+	bufferevent_enable(u->up_bev, EV_READ | EV_WRITE);
+	return bufferevent_socket_connect(u->up_bev,
+	    (struct sockaddr *)&cfg->addrs[u->up_addr], cfg->addrlens[u->up_addr]);
 }
 
 /* Open the upstream connection for a session and start the login. */
@@ -612,22 +639,11 @@ upstream_start(struct session *s, struct proxy_config *cfg)
 	u->up_cfg = cfg;
 	u->up_state = UP_CONNECT;
 	u->up_timer = evtimer_new(proxy->base, upstream_timeout_cb, u);
-	/* No CLOSE_ON_FREE: the socket outlives this bufferevent when TLS starts. */
-	u->up_bev = bufferevent_socket_new(proxy->base, -1, 0);
-	if (u->up_timer == NULL || u->up_bev == NULL) {
+	if (u->up_timer == NULL || upstream_connect(u) == -1) {
 		upstream_free(u);
 		return NULL;
 	}
-	bufferevent_setcb(u->up_bev, upstream_read_cb, NULL, upstream_event_cb, u);
-	bufferevent_set_timeouts(u->up_bev, &(struct timeval){
-	    cfg->connect_timeout, 0 }, &(struct timeval){ cfg->connect_timeout, 0 });
-	bufferevent_enable(u->up_bev, EV_READ | EV_WRITE);
 	upstream_auth_timer_start(u);
-	if (bufferevent_socket_connect_hostname(u->up_bev, proxy->dns, AF_UNSPEC,
-	    cfg->host, cfg->port) == -1) {
-		upstream_free(u);
-		return NULL;
-	}
 	return u;
 }
 

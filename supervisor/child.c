@@ -8,6 +8,7 @@
  * because of a child.  Runs in the supervisor.
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,6 +18,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <event2/buffer.h>
 
 #include "log.h"
 #include "msg.h"
@@ -104,6 +107,57 @@ service_send(struct service *sv, int type, json_t *body, int fd)
 	return 0;
 }
 
+/* Pass the trust store as an open descriptor: the proxy cannot open files. */
+static int
+service_send_ca(struct service *sv)
+{
+	int	fd, r;
+
+	if (sv->sv_ca == NULL)
+		return 0;
+	if ((fd = open(sv->sv_ca, O_RDONLY | O_CLOEXEC)) == -1) {
+		service_set_error(sv, "cannot open CA file %s: %s", sv->sv_ca,
+		    strerror(errno));
+		return -1;
+	}
+	r = service_send(sv, MSG_CA, json_pack("{s:s}", "source", sv->sv_ca), fd);
+	close(fd);
+	return r;
+}
+
+/*
+ * The sandbox the proxy applies to itself.  As root: its own uid and gid,
+ * derived from its port so they are stable and distinct per service, and
+ * an empty root directory.  Unprivileged: whatever needs no privilege.
+ */
+static json_t *
+service_sandbox_policy(struct service *sv)
+{
+	int	id = sup->st.uid_base + (sv->sv_port - sup->st.port_min);
+
+	if (geteuid() != 0)
+		return json_pack("{s:n,s:n,s:n,s:b}", "uid", "gid", "chroot",
+		    "strict", sup->st.sandbox_strict);
+	return json_pack("{s:i,s:i,s:s,s:b}", "uid", id, "gid", id, "chroot",
+	    sup->st.empty_dir, "strict", sup->st.sandbox_strict);
+}
+
+/* HELLO arrived: [CA] then CONFIG with the listening socket. */
+static void
+service_configure(struct service *sv)
+{
+	json_t	*cfg = json_copy(sv->sv_config);
+	int	 r;
+
+	json_object_set_new(cfg, "sandbox", service_sandbox_policy(sv));
+	r = service_send_ca(sv);
+	if (r == 0)
+		r = service_send(sv, MSG_CONFIG, cfg, sv->sv_lfd);
+	json_decref(cfg);
+	if (r == -1)
+		service_kill(sv, "cannot send its configuration");
+}
+
 static void
 service_dispatch(evutil_socket_t fd, short ev, void *arg)
 {
@@ -131,11 +185,12 @@ service_dispatch(evutil_socket_t fd, short ev, void *arg)
 				service_kill(sv, "HELLO out of order");
 				break;
 			}
-			if (service_send(sv, MSG_CONFIG, sv->sv_config,
-			    sv->sv_lfd) == -1)
-				service_kill(sv, "cannot send its configuration");
+			service_configure(sv);
 			break;
 		case MSG_READY:
+			json_decref(sv->sv_sandbox);
+			sv->sv_sandbox = json_incref(json_object_get(m.body,
+			    "sandbox"));
 			sv->sv_state = SERVICE_RUNNING;
 			log_info("service %s running: pid %d listening on %s:%d",
 			    sv->sv_key, (int)sv->sv_pid, sup->st.listen_address,
@@ -164,9 +219,40 @@ service_dispatch(evutil_socket_t fd, short ev, void *arg)
 	}
 }
 
+/* A line from a proxy's stderr: already formatted, passed through whole. */
+static void
+service_log_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct evbuffer	*in = bufferevent_get_input(bev);
+	char		*line;
+	size_t		 len;
+
+	while ((line = evbuffer_readln(in, &len, EVBUFFER_EOL_LF)) != NULL) {
+		fprintf(stderr, "%s\n", line);
+		free(line);
+	}
+	/* an unterminated flood is cut into pieces rather than held */
+	if (evbuffer_get_length(in) > 8192) {
+		fwrite(evbuffer_pullup(in, -1), 1, evbuffer_get_length(in), stderr);
+		fputc('\n', stderr);
+		evbuffer_drain(in, evbuffer_get_length(in));
+	}
+}
+
+static void
+service_log_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct service	*sv = arg;
+
+	service_log_read_cb(bev, arg);
+	bufferevent_free(bev);
+	if (sv->sv_log == bev)
+		sv->sv_log = NULL;
+}
+
 /* In the child between fork and exec: the launch contract of proto.h. */
 static void __attribute__((noreturn))
-child_exec(struct service *sv, int chan)
+child_exec(struct service *sv, int chan, int logfd)
 {
 	char		*argv[] = { "tpmail-pop3", sv->sv_key, NULL };
 	char		*envp[4];
@@ -186,10 +272,11 @@ child_exec(struct service *sv, int chan)
 			_exit(127);
 	} else if (dup2(chan, PROTO_CHANNEL_FD) == -1)
 		_exit(127);
-	if ((null = open("/dev/null", O_RDWR)) != -1) {
-		dup2(null, STDIN_FILENO);
-		dup2(STDERR_FILENO, STDOUT_FILENO);
-	}
+	/* stdout and stderr: a pipe to the supervisor, never a file */
+	if ((null = open("/dev/null", O_RDWR)) == -1 ||
+	    dup2(null, STDIN_FILENO) == -1 || dup2(logfd, STDOUT_FILENO) == -1 ||
+	    dup2(logfd, STDERR_FILENO) == -1)
+		_exit(127);
 	if (close_range(PROTO_CHANNEL_FD + 1, ~0U, 0) == -1)
 		_exit(127);
 	sigemptyset(&all);
@@ -206,7 +293,7 @@ child_exec(struct service *sv, int chan)
 int
 service_start(struct service *sv)
 {
-	int	sp[2];
+	int	sp[2], lp[2];
 	pid_t	pid;
 
 	if (sv->sv_timer != NULL)
@@ -222,18 +309,36 @@ service_start(struct service *sv)
 		service_set_error(sv, "socketpair: %s", strerror(errno));
 		return -1;
 	}
+	if (pipe2(lp, O_CLOEXEC) == -1) {
+		close(sp[0]);
+		close(sp[1]);
+		sv->sv_state = SERVICE_FAILED;
+		service_set_error(sv, "pipe: %s", strerror(errno));
+		return -1;
+	}
 	switch ((pid = fork())) {
 	case -1:
 		close(sp[0]);
 		close(sp[1]);
+		close(lp[0]);
+		close(lp[1]);
 		sv->sv_state = SERVICE_FAILED;
 		service_set_error(sv, "fork: %s", strerror(errno));
 		return -1;
 	case 0:
 		close(sp[0]);
-		child_exec(sv, sp[1]);
+		close(lp[0]);
+		child_exec(sv, sp[1], lp[1]);
 	}
 	close(sp[1]);
+	close(lp[1]);
+	if (sv->sv_log != NULL)
+		bufferevent_free(sv->sv_log);
+	evutil_make_socket_nonblocking(lp[0]);
+	sv->sv_log = bufferevent_socket_new(sup->base, lp[0], BEV_OPT_CLOSE_ON_FREE);
+	bufferevent_setcb(sv->sv_log, service_log_read_cb, NULL,
+	    service_log_event_cb, sv);
+	bufferevent_enable(sv->sv_log, EV_READ);
 	sv->sv_pid = pid;
 	sv->sv_chan = sp[0];
 	sv->sv_state = SERVICE_STARTING;
@@ -249,15 +354,19 @@ service_start(struct service *sv)
 
 /* New credentials or limits: new sessions use them, open ones are untouched. */
 void
-service_update(struct service *sv, json_t *config)
+service_update(struct service *sv, json_t *config, const char *ca)
 {
-	if (sv->sv_config != NULL && json_equal(sv->sv_config, config)) {
+	if (sv->sv_config != NULL && json_equal(sv->sv_config, config) &&
+	    ((ca == NULL && sv->sv_ca == NULL) ||
+	    (ca != NULL && sv->sv_ca != NULL && strcmp(ca, sv->sv_ca) == 0))) {
 		json_decref(config);
 		return;
 	}
 	json_decref(sv->sv_config);
 	sv->sv_config = config;
-	if (sv->sv_state == SERVICE_RUNNING &&
+	free(sv->sv_ca);
+	sv->sv_ca = ca ? strdup(ca) : NULL;
+	if (sv->sv_state == SERVICE_RUNNING && service_send_ca(sv) == 0 &&
 	    service_send(sv, MSG_UPDATE, config, -1) == 0)
 		log_info("service %s: configuration updated", sv->sv_key);
 	else if (sv->sv_state == SERVICE_FAILED)
@@ -298,6 +407,10 @@ service_free(struct service *sv)
 	if (sv->sv_lfd != -1)
 		close(sv->sv_lfd);
 	json_decref(sv->sv_config);	/* the allocator wipes the secrets */
+	json_decref(sv->sv_sandbox);
+	free(sv->sv_ca);
+	if (sv->sv_log != NULL)
+		bufferevent_free(sv->sv_log);
 	free(sv->sv_key);
 	free(sv->sv_namespace);
 	free(sv->sv_name);

@@ -37,7 +37,7 @@ control_status(void)
 		snprintf(listen, sizeof(listen), "%s:%d", sup->st.listen_address,
 		    sv->sv_port);
 		json_array_append_new(services, json_pack(
-		    "{s:s,s:s,s:s,s:s?,s:s,s:i,s:o,s:s,s:i,s:I,s:I,s:I,s:s?}",
+		    "{s:s,s:s,s:s,s:s?,s:s,s:i,s:o,s:s,s:i,s:I,s:I,s:I,s:s?,s:O?}",
 		    "namespace", sv->sv_namespace, "name", sv->sv_name,
 		    "cr", sv->sv_cr, "tenant", sv->sv_tenant,
 		    "listen", listen, "port", sv->sv_svc_port,
@@ -47,7 +47,7 @@ control_status(void)
 		    "sessions_active", (json_int_t)sv->sv_active,
 		    "sessions_total", (json_int_t)sv->sv_total,
 		    "sessions_failed", (json_int_t)sv->sv_failed,
-		    "error", sv->sv_error));
+		    "error", sv->sv_error, "sandbox", sv->sv_sandbox));
 	}
 	json_array_foreach(sup->rejected, i, r)
 		json_array_append_new(rej, json_pack("{s:O,s:O,s:O,s:O}",

@@ -3,6 +3,7 @@
  * foreground (as in a container), logs to stderr, and on SIGTERM or SIGINT
  * drains every tenant proxy and exits 0 once all are gone.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -67,6 +68,32 @@ supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 	supervisor_check_done();
 }
 
+/*
+ * The tenant proxies' root: an empty directory owned by root and writable
+ * by nobody, so a chrooted proxy sees no file at all.
+ */
+static void
+supervisor_empty_dir(void)
+{
+	struct dirent	*de;
+	DIR		*d;
+
+	if (geteuid() != 0)
+		return;
+	if (mkdir(sup->st.empty_dir, 0555) == -1 && errno != EEXIST)
+		fatal("mkdir %s", sup->st.empty_dir);
+	if (chown(sup->st.empty_dir, 0, 0) == -1 ||
+	    chmod(sup->st.empty_dir, 0555) == -1)
+		fatal("%s", sup->st.empty_dir);
+	if ((d = opendir(sup->st.empty_dir)) == NULL)
+		fatal("opendir %s", sup->st.empty_dir);
+	while ((de = readdir(d)) != NULL)
+		if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+			fatalx("%s must be empty: the tenant proxies are "
+			    "confined to it", sup->st.empty_dir);
+	closedir(d);
+}
+
 int
 main(int argc, char *argv[])
 {
@@ -97,6 +124,7 @@ main(int argc, char *argv[])
 		fatal("cannot create state directory %s", sup->st.state_dir);
 	if (access(sup->st.proxy_path, X_OK) == -1)
 		fatal("proxy binary %s", sup->st.proxy_path);
+	supervisor_empty_dir();
 
 	if ((sup->base = event_base_new()) == NULL)
 		fatalx("event_base_new");

@@ -6,7 +6,10 @@
  * are untouched), and drains what is gone.  A CR or tenant that fails is
  * reported and changes nothing else.  Runs in the supervisor.
  */
+#include <arpa/inet.h>
+#include <netdb.h>
 #include <stdio.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +17,7 @@
 #include "supervisor.h"
 
 #define R_FAILED_TENANTS	"FailedToApplyConfiguration"
+#define R_CONFIG_FAILED		"ConfigurationFailed"
 #define R_NAME_PRESENT		"ConfigurationError-K8sResourceWithNameAlreadyPresent"
 
 static struct service *
@@ -27,15 +31,62 @@ service_find(const char *key)
 	return NULL;
 }
 
+/*
+ * The mail server's addresses, resolved here: the sandboxed proxy has no
+ * DNS (no files, no sockets but TCP).  NULL with msg set on failure.
+ */
+static json_t *
+reconcile_resolve(const char *host, char *msg, size_t msgsz)
+{
+	struct addrinfo	 hints, *res, *ai;
+	char		 buf[INET6_ADDRSTRLEN];
+	json_t		*arr;
+	int		 r;
+
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_socktype = SOCK_STREAM;
+	if ((r = getaddrinfo(host, NULL, &hints, &res)) != 0) {
+		snprintf(msg, msgsz, "cannot resolve the mail server %s: %s",
+		    host, gai_strerror(r));
+		return NULL;
+	}
+	arr = json_array();
+	for (ai = res; ai != NULL && json_array_size(arr) < 4; ai = ai->ai_next) {
+		if (ai->ai_family == AF_INET)
+			inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->
+			    sin_addr, buf, sizeof(buf));
+		else if (ai->ai_family == AF_INET6)
+			inet_ntop(AF_INET6, &((struct sockaddr_in6 *)ai->ai_addr)->
+			    sin6_addr, buf, sizeof(buf));
+		else
+			continue;
+		json_array_append_new(arr, json_string(buf));
+	}
+	freeaddrinfo(res);
+	return arr;
+}
+
 /* What the tenant proxy receives: the resolved destination plus limits. */
 static json_t *
-reconcile_config(const char *key, json_t *resolved)
+reconcile_config(const char *key, json_t *resolved, char *msg, size_t msgsz)
 {
-	json_t	*c;
+	json_t		*c, *up, *addrs;
+	const char	*ca;
 
-	c = json_pack("{s:s,s:O,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i},s:s}",
+	up = json_deep_copy(json_object_get(resolved, "upstream"));
+	if ((addrs = reconcile_resolve(json_string_value(json_object_get(up,
+	    "host")), msg, msgsz)) == NULL) {
+		json_decref(up);
+		return NULL;
+	}
+	json_object_set_new(up, "addresses", addrs);
+	/* the proxy gets the CA as a descriptor; it keeps only its origin */
+	ca = json_string_value(json_object_get(up, "cafile"));
+	json_object_set_new(up, "ca", json_string(ca ? ca : "system"));
+	json_object_del(up, "cafile");
+	c = json_pack("{s:s,s:o,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i},s:s}",
 	    "service", key,
-	    "upstream", json_object_get(resolved, "upstream"),
+	    "upstream", up,
 	    "auth", json_object_get(resolved, "auth"),
 	    "limits",
 	    "connect_timeout", sup->st.connect_timeout,
@@ -62,8 +113,8 @@ static void
 reconcile_cr(struct cr *cr, json_t *rejected)
 {
 	struct service	*sv;
-	json_t		*resolved, *failed = json_array();
-	const char	*tenant, *reason = NULL;
+	json_t		*resolved, *config, *failed = json_array();
+	const char	*tenant, *reason = NULL, *ca;
 	char		 name[300], key[600], msg[1024], all[4096];
 	size_t		 i, n = cr->cr_tenants ? json_array_size(cr->cr_tenants) : 1;
 	int		 nfailed = 0;
@@ -87,6 +138,26 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		    &sup->st, &reason, msg, sizeof(msg));
 		if (resolved == NULL)
 			goto tenant_failed;
+		if ((config = reconcile_config(key, resolved, msg,
+		    sizeof(msg))) == NULL) {
+			json_decref(resolved);
+			reason = R_CONFIG_FAILED;
+			if (sv != NULL && sv->sv_config != NULL) {
+				/* keep serving with the last good addresses */
+				sv->sv_desired = 1;
+				log_warnx("service %s: %s; keeping its last "
+				    "configuration", key, msg);
+			}
+			goto tenant_failed;
+		}
+		ca = json_string_value(json_object_get(json_object_get(resolved,
+		    "upstream"), "cafile"));
+		if (ca == NULL && strcmp(json_string_value(json_object_get(
+		    json_object_get(resolved, "upstream"), "tls")), "none") != 0)
+			ca = sup->st.system_ca;
+		if (strcmp(json_string_value(json_object_get(json_object_get(
+		    resolved, "upstream"), "tls")), "none") == 0)
+			ca = NULL;
 		if (sv == NULL)
 			sv = service_new(cr->cr_namespace, name, cr->cr_name, tenant);
 		sv->sv_desired = 1;
@@ -97,10 +168,11 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		sv->sv_svc_port = cr->cr_port ? cr->cr_port : (int)json_integer_value(
 		    json_object_get(resolved, "default_port"));
 		if (sv->sv_config == NULL) {
-			sv->sv_config = reconcile_config(key, resolved);
+			sv->sv_config = config;
+			sv->sv_ca = ca ? strdup(ca) : NULL;
 			service_start(sv);
 		} else
-			service_update(sv, reconcile_config(key, resolved));
+			service_update(sv, config, ca);
 		json_decref(resolved);
 		continue;
 tenant_failed:

@@ -20,7 +20,7 @@ enum {
 	OPT_CRS = 256, OPT_DESTINATIONS, OPT_STATE_DIR, OPT_CONTROL, OPT_CONFIG,
 	OPT_LISTEN, OPT_PORTS, OPT_PROXY, OPT_LOG_LEVEL, OPT_IDLE, OPT_CONNECT,
 	OPT_AUTH, OPT_MAX_SESSIONS, OPT_MAX_LINE, OPT_MAX_BUFFER, OPT_GRACE,
-	OPT_BACKOFF_MAX, OPT_HELP,
+	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -41,6 +41,9 @@ static const struct option long_opts[] = {
 	{ "max-buffer", required_argument, NULL, OPT_MAX_BUFFER },
 	{ "drain-grace", required_argument, NULL, OPT_GRACE },
 	{ "backoff-max", required_argument, NULL, OPT_BACKOFF_MAX },
+	{ "uid-base", required_argument, NULL, OPT_UID_BASE },
+	{ "sandbox", required_argument, NULL, OPT_SANDBOX },
+	{ "system-ca", required_argument, NULL, OPT_SYSTEM_CA },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -87,7 +90,13 @@ usage(FILE *f)
 "  --max-line BYTES       longest client command line (default 8192)\n"
 "  --max-buffer BYTES     buffered per direction per session (default 262144)\n"
 "  --drain-grace SEC      time open sessions get when a service stops (default 30)\n"
-"  --backoff-max SEC      longest restart delay of a crashing proxy (default 60)\n");
+"  --backoff-max SEC      longest restart delay of a crashing proxy (default 60)\n"
+"  --uid-base N           as root, tenant proxies run as uid/gid N + (port - low port)\n"
+"                         (default 200000)\n"
+"  --sandbox MODE         best-effort (default: apply what the privileges allow,\n"
+"                         report the rest) or strict (refuse to serve otherwise)\n"
+"  --system-ca FILE       CA bundle for destinations without their own CA file\n"
+"                         (default /etc/ssl/certs/ca-certificates.crt)\n");
 }
 
 static int
@@ -155,6 +164,19 @@ settings_apply(struct settings *st, int opt, const char *val)
 	case OPT_MAX_BUFFER: return parse_int(val, 4096, 1 << 30, &st->max_buffer);
 	case OPT_GRACE: return parse_int(val, 0, 86400, &st->drain_grace);
 	case OPT_BACKOFF_MAX: return parse_int(val, 1, 3600, &st->backoff_max);
+	case OPT_UID_BASE: return parse_int(val, 1, 2000000000, &st->uid_base);
+	case OPT_SANDBOX:
+		if (strcmp(val, "strict") == 0)
+			st->sandbox_strict = 1;
+		else if (strcmp(val, "best-effort") == 0)
+			st->sandbox_strict = 0;
+		else
+			return -1;
+		return 0;
+	case OPT_SYSTEM_CA:
+		free(st->system_ca);
+		st->system_ca = strdup(val);
+		return 0;
 	}
 	return -1;
 }
@@ -253,6 +275,8 @@ settings_load(struct settings *st, int argc, char **argv)
 	st->drain_grace = 30;
 	st->backoff_max = 60;
 	st->allow_loopback = 1;		/* standalone mode */
+	st->uid_base = 200000;
+	st->system_ca = strdup("/etc/ssl/certs/ca-certificates.crt");
 
 	/* the config file first, so that flags override it */
 	for (i = 1; i < argc - 1; i++)
@@ -290,5 +314,11 @@ settings_load(struct settings *st, int argc, char **argv)
 		return -1;
 	if (st->proxy_path == NULL)
 		st->proxy_path = default_proxy_path();
+	if (asprintf(&st->empty_dir, "%s/empty", st->state_dir) == -1)
+		return -1;
+	if (st->uid_base + (st->port_max - st->port_min) > 2000000000) {
+		fprintf(stderr, "tpmaild: --uid-base plus the port range is too large\n");
+		return -1;
+	}
 	return 0;
 }

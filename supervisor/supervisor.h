@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #include <event2/event.h>
+#include <event2/bufferevent.h>
 #include <jansson.h>
 
 #ifndef TAILQ_FOREACH_SAFE
@@ -45,6 +46,10 @@ struct settings {
 	int	 backoff_max;
 	int	 drain_grace;
 	int	 allow_loopback;
+	int	 uid_base;		/* tenant uid/gid = base + port offset */
+	int	 sandbox_strict;
+	char	*system_ca;		/* the system CA bundle, for system trust */
+	char	*empty_dir;		/* the tenant proxies' chroot */
 };
 
 /* One validated Destination CR. */
@@ -75,6 +80,9 @@ struct service {
 	char			*sv_cr;
 	char			*sv_tenant;	/* NULL: dedicated */
 	json_t			*sv_config;	/* what the proxy gets (secrets!) */
+	char			*sv_ca;		/* trust store file, NULL without TLS */
+	json_t			*sv_sandbox;	/* the proxy's sandbox report */
+	struct bufferevent	*sv_log;	/* the proxy's stderr */
 	int			 sv_port;	/* listen port */
 	int			 sv_svc_port;	/* the Service port (CR) */
 	int			 sv_lfd;
@@ -131,7 +139,7 @@ void	 reconcile_all(void);
 struct service	*service_new(const char *ns, const char *name, const char *cr,
 		    const char *tenant);
 int	 service_start(struct service *);
-void	 service_update(struct service *, json_t *config);
+void	 service_update(struct service *, json_t *config, const char *ca);
 void	 service_stop(struct service *);
 void	 service_free(struct service *);
 void	 child_reap(void);
