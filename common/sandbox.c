@@ -32,6 +32,7 @@
 
 #include "log.h"
 #include "sandbox.h"
+#include "secret.h"
 
 void
 sandbox_early(void)
@@ -170,12 +171,17 @@ sandbox_enter(const struct sandbox_policy *pol)
 	int		 root = geteuid() == 0, chrooted = 0, bound = 0;
 
 	rep = json_pack("{s:[]}", "missing");
+	if (!secret_vault_locked())
+		report_missing(rep, pol, "mlock",
+		    "credentials not locked in memory (RLIMIT_MEMLOCK)");
 	umask(077);
 	if (clearenv() != 0)
 		fatalx("clearenv");
 
 	if (pol->chroot == NULL)
-		report_missing(rep, pol, "chroot", "no empty directory configured");
+		report_missing(rep, pol, "chroot", geteuid() != 0 ?
+		    "unprivileged (no CAP_SYS_CHROOT)" :
+		    "no empty directory configured");
 	else if (!have_cap(CAP_SYS_CHROOT))
 		report_missing(rep, pol, "chroot", "no CAP_SYS_CHROOT (unprivileged)");
 	else {
@@ -240,5 +246,7 @@ sandbox_enter(const struct sandbox_policy *pol)
 	json_object_set_new(rep, "bounding_set_cleared", json_boolean(bound));
 	json_object_set_new(rep, "caps_cleared", json_true());
 	json_object_set_new(rep, "seccomp", json_true());
+	json_object_set_new(rep, "secrets_locked", json_boolean(
+	    secret_vault_locked()));
 	return rep;
 }

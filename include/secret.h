@@ -12,5 +12,9 @@ void	 secret_install(void);
 void	 secret_free(void *);		/* wipe the whole allocation, then free */
 char	*secret_strdup(const char *);
 void	 secret_wipe(void *, size_t);
+/* Locked, undumpable storage for credentials kept for the process's life. */
+char	*secret_vault_strdup(const char *);
+void	 secret_vault_free(char *);
+int	 secret_vault_locked(void);
 
 #endif

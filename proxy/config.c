@@ -124,7 +124,8 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	c->host = get_str(up, "host");
 	c->ca_source = get_str(up, "ca");
 	c->user = get_str(auth, "user");
-	c->password = get_str(auth, "password");
+	c->password = secret_vault_strdup(json_string_value(json_object_get(auth,
+	    "password")));
 	*err = NULL;
 	if (c->service == NULL || c->host == NULL)
 		*err = "service or upstream.host missing";
@@ -179,7 +180,7 @@ config_unref(struct proxy_config *c)
 	free(c->host);
 	free(c->ca_source);
 	free(c->user);
-	secret_free(c->password);
+	secret_vault_free(c->password);
 	if (c->ssl_ctx != NULL)
 		SSL_CTX_free(c->ssl_ctx);
 	free(c);

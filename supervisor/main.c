@@ -9,6 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/capability.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -94,6 +97,52 @@ supervisor_empty_dir(void)
 	closedir(d);
 }
 
+/*
+ * tpmaild holds every tenant's credentials: no core dumps, no ptrace by
+ * same-uid processes.  As root it keeps only the capabilities it still
+ * needs once started, in every set including the bounding set, which is
+ * also all a tenant proxy starts with after exec:
+ *   SETUID, SETGID, SYS_CHROOT, SETPCAP  the proxies' own privilege drop
+ *   NET_BIND_SERVICE                     endpoints below 1024 for new CRs
+ *   KILL                                 signalling proxies of other uids
+ *   DAC_READ_SEARCH                      reading CR, CA and destination files
+ */
+static void
+supervisor_drop_privileges(void)
+{
+	static const cap_value_t keep[] = {
+		CAP_SETUID, CAP_SETGID, CAP_SYS_CHROOT, CAP_SETPCAP,
+		CAP_NET_BIND_SERVICE, CAP_KILL, CAP_DAC_READ_SEARCH,
+	};
+	struct rlimit	rl = { 0, 0 };
+	cap_value_t	c;
+	cap_t		caps;
+	size_t		i;
+	int		kept;
+
+	if (setrlimit(RLIMIT_CORE, &rl) == -1)
+		fatal("setrlimit(RLIMIT_CORE)");
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
+		fatal("prctl(PR_SET_DUMPABLE)");
+	if (geteuid() != 0)
+		return;
+	for (c = 0; c < cap_max_bits(); c++) {
+		for (kept = 0, i = 0; i < sizeof(keep) / sizeof(keep[0]); i++)
+			if (keep[i] == c)
+				kept = 1;
+		if (!kept && cap_drop_bound(c) == -1 && errno != EINVAL)
+			fatal("cap_drop_bound(%d)", (int)c);
+	}
+	if ((caps = cap_init()) == NULL)
+		fatal("cap_init");
+	if (cap_set_flag(caps, CAP_PERMITTED, sizeof(keep) / sizeof(keep[0]),
+	    keep, CAP_SET) == -1 || cap_set_flag(caps, CAP_EFFECTIVE,
+	    sizeof(keep) / sizeof(keep[0]), keep, CAP_SET) == -1 ||
+	    cap_set_proc(caps) == -1)
+		fatal("cap_set_proc");
+	cap_free(caps);
+}
+
 int
 main(int argc, char *argv[])
 {
@@ -135,6 +184,7 @@ main(int argc, char *argv[])
 	}
 	ports_load();
 	control_start();
+	supervisor_drop_privileges();
 	crdir_start();
 	log_info("standalone mode: CRs in %s, destinations in %s, control %s",
 	    sup->st.crs_dir, sup->st.destinations, sup->st.control);
