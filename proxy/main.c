@@ -162,6 +162,7 @@ proxy_test_syscall(json_t *body)
 {
 	const char	*name = json_string_value(json_object_get(body, "syscall"));
 	long		 r = 0;
+	char		 buf[128];
 
 	if (name == NULL)
 		return;
@@ -180,8 +181,9 @@ proxy_test_syscall(json_t *body)
 		r = syscall(SYS_process_vm_readv, getppid(), NULL, 0, NULL, 0, 0);
 	else if (strcmp(name, "setuid") == 0)
 		r = setuid(0);
-	proxy_send(MSG_EVENT, json_pack("{s:s++i}", "error", "test syscall ",
-	    name, " returned ", (int)r, r == -1 ? errno : 0));
+	snprintf(buf, sizeof(buf), "test syscall %s returned %ld errno %d", name,
+	    r, r == -1 ? errno : 0);
+	proxy_send(MSG_EVENT, json_pack("{s:s}", "error", buf));
 }
 #endif
 

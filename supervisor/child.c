@@ -448,7 +448,7 @@ child_reap(void)
 	struct service	*sv, *found;
 	pid_t		 pid;
 	int		 status;
-	char		 how[64];
+	char		 how[128];
 
 	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
 		found = NULL;
@@ -459,8 +459,10 @@ child_reap(void)
 			snprintf(how, sizeof(how), "exited with status %d",
 			    WEXITSTATUS(status));
 		else
-			snprintf(how, sizeof(how), "killed by signal %d%s",
-			    WTERMSIG(status), WCOREDUMP(status) ? " (core)" : "");
+			snprintf(how, sizeof(how), "killed by signal %d%s%s",
+			    WTERMSIG(status), WTERMSIG(status) == SIGSYS ?
+			    " (SIGSYS: a system call outside its sandbox)" : "",
+			    WCOREDUMP(status) ? " (core)" : "");
 		if (found == NULL) {
 			log_info("pid %d %s", (int)pid, how);
 			continue;

@@ -18,6 +18,7 @@
 #include <event2/listener.h>
 
 #include "log.h"
+#include "msg.h"
 #include "supervisor.h"
 
 #define CONTROL_MAX_REQUEST	4096
@@ -58,6 +59,28 @@ control_status(void)
 	return json_pack("{s:o,s:o}", "services", services, "rejected", rej);
 }
 
+#ifdef TPMAIL_SANDBOX_TESTING
+/* Test builds only: ask one proxy to make a forbidden system call. */
+static json_t *
+control_test_syscall(json_t *req)
+{
+	struct service	*sv;
+	const char	*key = json_string_value(json_object_get(req, "service"));
+	json_t		*body;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry) {
+		if (key == NULL || strcmp(sv->sv_key, key) != 0 || sv->sv_chan == -1)
+			continue;
+		body = json_pack("{s:O}", "syscall", json_object_get(req,
+		    "syscall"));
+		msg_send(sv->sv_chan, MSG_TEST_SYSCALL, body, -1);
+		json_decref(body);
+		return json_pack("{s:b}", "ok", 1);
+	}
+	return json_pack("{s:s}", "error", "no such running service");
+}
+#endif
+
 static void
 control_reply(struct bufferevent *bev, json_t *reply)
 {
@@ -96,6 +119,10 @@ control_read_cb(struct bufferevent *bev, void *arg)
 		    "malformed request: expected {\"cmd\": ...}"));
 	else if (strcmp(cmd, "status") == 0)
 		control_reply(bev, control_status());
+#ifdef TPMAIL_SANDBOX_TESTING
+	else if (strcmp(cmd, "test-syscall") == 0)
+		control_reply(bev, control_test_syscall(req));
+#endif
 	else
 		control_reply(bev, json_pack("{s:s+}", "error",
 		    "unknown command: ", cmd));

@@ -30,11 +30,11 @@ usage(FILE *f)
 }
 
 static json_t *
-request(const char *path, const char *cmd)
+request(const char *path, json_t *req)
 {
 	struct sockaddr_un	 sun;
 	json_error_t		 jerr;
-	char			*buf = NULL, line[256];
+	char			*buf = NULL, line[1024], *s;
 	size_t			 len = 0;
 	ssize_t			 n;
 	json_t			*reply;
@@ -53,8 +53,11 @@ request(const char *path, const char *cmd)
 		    path, strerror(errno));
 		exit(3);
 	}
-	n = snprintf(line, sizeof(line), "{\"cmd\":\"%s\"}\n", cmd);
-	if (write(fd, line, n) != n) {
+	s = json_dumps(req, JSON_COMPACT);
+	json_decref(req);
+	n = snprintf(line, sizeof(line), "%s\n", s ? s : "{}");
+	free(s);
+	if (n >= (ssize_t)sizeof(line) || write(fd, line, n) != n) {
 		fprintf(stderr, "tpmailctl: write: %s\n", strerror(errno));
 		exit(3);
 	}
@@ -152,6 +155,15 @@ main(int argc, char *argv[])
 		usage(stderr);
 		return 2;
 	}
+#ifdef TPMAIL_SANDBOX_TESTING
+	/* test builds only: tpmailctl test-syscall <ns>/<service> <syscall> */
+	if (strcmp(argv[optind], "test-syscall") == 0 && optind + 2 < argc) {
+		reply = request(control, json_pack("{s:s,s:s,s:s}", "cmd",
+		    "test-syscall", "service", argv[optind + 1], "syscall",
+		    argv[optind + 2]));
+		return json_object_get(reply, "error") != NULL;
+	}
+#endif
 	if (strcmp(argv[optind], "status") != 0) {
 		fprintf(stderr, "tpmailctl: unknown command %s\n", argv[optind]);
 		usage(stderr);
@@ -166,7 +178,7 @@ main(int argc, char *argv[])
 			return 2;
 		}
 	}
-	reply = request(control, "status");
+	reply = request(control, json_pack("{s:s}", "cmd", "status"));
 	if (json_object_get(reply, "error") != NULL) {
 		fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
 		return 1;
