@@ -65,7 +65,7 @@ struct session {
 	int			 se_client_eof;	/* half-closed: replies still owed */
 	int			 se_client_gone;	/* cannot be written to */
 	int			 se_failed;
-	const char		*se_reason;
+	char			*se_reason;	/* owned: callers' strings are transient */
 	char			*se_capa;
 	struct timeval		 se_start;
 	unsigned long		 se_commands;
@@ -542,7 +542,8 @@ session_close_flush(struct session *s, int failed, const char *reason)
 		return;
 	session_enter_state(s, SESSION_CLOSING);
 	s->se_failed = failed;
-	s->se_reason = reason;
+	free(s->se_reason);
+	s->se_reason = strdup(reason);
 	if (s->se_ubev != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
 	bufferevent_disable(s->se_client, EV_READ);
@@ -572,6 +573,7 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	bufferevent_free(s->se_client);
 	config_unref(s->se_cfg);
 	free(s->se_capa);
+	free(s->se_reason);
 	free(s);
 }
 
