@@ -111,7 +111,8 @@ service_send(struct service *sv, int type, json_t *body, int fd)
 static int
 service_send_ca(struct service *sv)
 {
-	int	fd, r;
+	json_t	*body;
+	int	 fd, r;
 
 	if (sv->sv_ca == NULL)
 		return 0;
@@ -120,7 +121,9 @@ service_send_ca(struct service *sv)
 		    strerror(errno));
 		return -1;
 	}
-	r = service_send(sv, MSG_CA, json_pack("{s:s}", "source", sv->sv_ca), fd);
+	body = json_pack("{s:s}", "source", sv->sv_ca);
+	r = service_send(sv, MSG_CA, body, fd);
+	json_decref(body);
 	close(fd);
 	return r;
 }
@@ -377,6 +380,8 @@ service_update(struct service *sv, json_t *config, const char *ca)
 void
 service_stop(struct service *sv)
 {
+	json_t	*body;
+
 	sv->sv_remove = 1;
 	if (sv->sv_timer != NULL)
 		evtimer_del(sv->sv_timer);
@@ -392,9 +397,10 @@ service_stop(struct service *sv)
 	}
 	sv->sv_state = SERVICE_STOPPING;
 	log_info("service %s: stopping pid %d", sv->sv_key, (int)sv->sv_pid);
-	if (service_send(sv, MSG_DRAIN, json_pack("{s:i}", "grace",
-	    sup->st.drain_grace), -1) == -1)
+	body = json_pack("{s:i}", "grace", sup->st.drain_grace);
+	if (service_send(sv, MSG_DRAIN, body, -1) == -1)
 		kill(sv->sv_pid, SIGTERM);
+	json_decref(body);
 }
 
 void

@@ -186,12 +186,14 @@ tenant_failed:
 		if (cr->cr_tenants == NULL)
 			reject_cr(rejected, cr, reason, msg);
 		else {
-			char	*list = json_dumps(failed, JSON_COMPACT);
+			char	*list = json_dumps(failed, JSON_COMPACT), *m;
 
-			snprintf(msg, sizeof(msg), "Configuration failed for "
-			    "tenants: %s: %s", list ? list : "", all);
+			if (asprintf(&m, "Configuration failed for tenants: %s: %s",
+			    list ? list : "", all) == -1)
+				fatal("asprintf");
 			free(list);
-			reject_cr(rejected, cr, R_FAILED_TENANTS, msg);
+			reject_cr(rejected, cr, R_FAILED_TENANTS, m);
+			free(m);
 		}
 	}
 	json_decref(failed);

@@ -161,7 +161,11 @@ main(int argc, char *argv[])
 		reply = request(control, json_pack("{s:s,s:s,s:s}", "cmd",
 		    "test-syscall", "service", argv[optind + 1], "syscall",
 		    argv[optind + 2]));
-		return json_object_get(reply, "error") != NULL;
+		opt = json_object_get(reply, "error") != NULL;
+		if (opt)
+			fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
+		json_decref(reply);
+		return opt;
 	}
 #endif
 	if (strcmp(argv[optind], "status") != 0) {
@@ -181,6 +185,7 @@ main(int argc, char *argv[])
 	reply = request(control, json_pack("{s:s}", "cmd", "status"));
 	if (json_object_get(reply, "error") != NULL) {
 		fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
+		json_decref(reply);
 		return 1;
 	}
 	if (json) {

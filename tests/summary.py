@@ -6,7 +6,10 @@ sanitizer log directory: any ASan/UBSan/LSan report there is one failure,
 named with its file, because a sanitizer finding in a child process would
 otherwise show only as a restarted proxy.
 
-    summary.py JUNIT_DIR SANITIZER_DIR
+    summary.py JUNIT_DIR SANITIZER_DIR [LOG_DIR]
+
+LOG_DIR is searched for logs (*.stderr, *.log) that carry a sanitizer report
+written to stderr by a process that could not open a report file.
 """
 import glob
 import os
@@ -42,6 +45,14 @@ def main():
         print("no integration test results were written")
         failed += 1
     reports = sorted(glob.glob(os.path.join(san_dir, "*")))
+    if len(sys.argv) > 3:
+        for pat in ("*.stderr", "*.log"):
+            for log in glob.glob(os.path.join(sys.argv[3], "**", pat), recursive=True):
+                with open(log, errors="replace") as f:
+                    text = f.read()
+                if "ERROR: AddressSanitizer" in text or "runtime error:" in text \
+                        or "ERROR: LeakSanitizer" in text:
+                    reports.append(log)
     if reports:
         failed += 1
         for r in reports:
