@@ -7,12 +7,15 @@
  * are refused: a CR has no use for them and they invite billion-laughs.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <yaml.h>
 
+#include "secret.h"
 #include "yaml_json.h"
 
 static json_t *
@@ -174,49 +177,76 @@ yaml_to_json(const char *buf, size_t len, char *err, size_t errsz)
 	return docs;
 }
 
-json_t *
-yaml_json_load_file(const char *path, char *err, size_t errsz)
+/*
+ * Read a whole file with read(2) into one buffer the caller wipes: no stdio
+ * buffer keeps a copy of a destinations file's passwords.
+ */
+char *
+yaml_json_read_file(const char *path, size_t *lenp, char *err, size_t errsz)
 {
-	FILE		*f;
-	char		*buf = NULL;
-	size_t		 len = 0, cap = 0, n;
-	json_t		*docs, *one;
-	json_error_t	 jerr;
-	const char	*dot;
+	char	*buf = NULL, *nb;
+	size_t	 len = 0, cap = 0;
+	ssize_t	 n;
+	int	 fd;
 
-	if ((f = fopen(path, "re")) == NULL) {
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1) {
 		snprintf(err, errsz, "cannot open: %s", strerror(errno));
 		return NULL;
 	}
 	for (;;) {
 		if (len + 4096 > cap) {
-			char	*nb;
-
 			cap = cap ? cap * 2 : 8192;
 			if (cap > YAML_JSON_MAX_FILE + 8192 ||
-			    (nb = realloc(buf, cap)) == NULL) {
+			    (nb = malloc(cap)) == NULL) {
 				snprintf(err, errsz, "file too large");
-				free(buf);
-				fclose(f);
+				secret_free(buf);
+				close(fd);
 				return NULL;
 			}
+			/* copy by hand so that no old block escapes unwiped */
+			if (buf != NULL)
+				memcpy(nb, buf, len);
+			secret_free(buf);
 			buf = nb;
 		}
-		n = fread(buf + len, 1, cap - len, f);
-		len += n;
+		n = read(fd, buf + len, cap - len);
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (n == -1) {
+			snprintf(err, errsz, "read: %s", strerror(errno));
+			secret_free(buf);
+			close(fd);
+			return NULL;
+		}
 		if (n == 0)
 			break;
+		len += n;
 	}
-	fclose(f);
+	close(fd);
 	if (len > YAML_JSON_MAX_FILE) {
 		snprintf(err, errsz, "file too large");
-		free(buf);
+		secret_free(buf);
 		return NULL;
 	}
+	*lenp = len;
+	return buf;
+}
+
+json_t *
+yaml_json_load_file(const char *path, char *err, size_t errsz)
+{
+	char		*buf;
+	size_t		 len;
+	json_t		*docs, *one;
+	json_error_t	 jerr;
+	const char	*dot;
+
+	if ((buf = yaml_json_read_file(path, &len, err, errsz)) == NULL)
+		return NULL;
 	dot = strrchr(path, '.');
 	if (dot != NULL && strcmp(dot, ".json") == 0) {
 		one = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
-		free(buf);
+		secret_free(buf);
 		if (one == NULL) {
 			snprintf(err, errsz, "JSON error: %s at line %d column %d",
 			    jerr.text, jerr.line, jerr.column);
@@ -233,6 +263,6 @@ yaml_json_load_file(const char *path, char *err, size_t errsz)
 		return docs;
 	}
 	docs = yaml_to_json(buf, len, err, errsz);
-	free(buf);
+	secret_free(buf);
 	return docs;
 }

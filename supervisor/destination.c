@@ -15,6 +15,7 @@
 #include <strings.h>
 
 #include "log.h"
+#include "secret.h"
 #include "supervisor.h"
 #include "yaml_json.h"
 
@@ -35,11 +36,16 @@ destinations_load(const char *path, char *err, size_t errsz)
 
 	const char	*dot = strrchr(path, '.');
 	json_error_t	 jerr;
+	char		*buf;
+	size_t		 len;
 
 	if (dot != NULL && strcmp(dot, ".json") == 0) {
 		/* exactly one JSON value: a wrapping list is an error here */
-		if ((root = json_load_file(path, JSON_REJECT_DUPLICATES,
-		    &jerr)) == NULL) {
+		if ((buf = yaml_json_read_file(path, &len, err, errsz)) == NULL)
+			return NULL;
+		root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+		secret_free(buf);
+		if (root == NULL) {
 			snprintf(err, errsz, "JSON error: %s at line %d column %d",
 			    jerr.text, jerr.line, jerr.column);
 			return NULL;
