@@ -45,6 +45,12 @@ log_get_level(void)
 	return log_level;
 }
 
+const char *
+log_level_name(int level)
+{
+	return level >= 0 && level <= LOG_LEVEL_DEBUG ? log_names[level] : "info";
+}
+
 int
 log_level_parse(const char *s)
 {

@@ -16,6 +16,7 @@ void	log_set_context(const char *ctx);
 void	log_set_level(int);
 int	log_get_level(void);
 int	log_level_parse(const char *);
+const char *log_level_name(int);
 
 void	log_warn(const char *, ...) __attribute__((format(printf, 1, 2)));
 void	log_warnx(const char *, ...) __attribute__((format(printf, 1, 2)));

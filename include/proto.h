@@ -34,6 +34,7 @@ enum msg_type {
 	MSG_STATS_REQ = 103,	/* body: {} ask for MSG_STATS */
 	MSG_CA = 104,		/* body: {"source"}; fd: PEM trust store to read,
 				   for the CONFIG/UPDATE that follows */
+	MSG_LOG_LEVEL = 105,	/* body: {"log_level": "debug"|...} */
 	MSG_TEST_SYSCALL = 190,	/* test builds only: {"syscall": name} */
 
 	MSG_HELLO = 200,	/* body: {"pid": n} */

@@ -228,6 +228,9 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 	case MSG_STATS_REQ:
 		proxy_send_stats();
 		break;
+	case MSG_LOG_LEVEL:
+		proxy_apply_log_level(m.body);
+		break;
 #ifdef TPMAIL_SANDBOX_TESTING
 	case MSG_TEST_SYSCALL:
 		proxy_test_syscall(m.body);

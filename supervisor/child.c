@@ -33,10 +33,13 @@ service_state_name(enum service_state st)
 {
 	static const char *const names[] = {
 		"starting", "running", "backoff", "failed", "stopping",
+		"drained",
 	};
 
 	return names[st];
 }
+
+static int	service_send(struct service *, int, json_t *, int);
 
 static void
 service_set_error(struct service *sv, const char *fmt, ...)
@@ -44,11 +47,36 @@ service_set_error(struct service *sv, const char *fmt, ...)
 	char	buf[512];
 	va_list	ap;
 
+	char	ts[32];
+	time_t	now = time(NULL);
+
 	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	free(sv->sv_error);
 	sv->sv_error = strdup(buf);
+	/* the last few, with their time, for tpmailctl status <service> */
+	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+	if (sv->sv_errors == NULL)
+		sv->sv_errors = json_array();
+	json_array_append_new(sv->sv_errors, json_pack("{s:s,s:s}", "time", ts,
+	    "error", buf));
+	while (json_array_size(sv->sv_errors) > SERVICE_ERRORS_KEPT)
+		json_array_remove(sv->sv_errors, 0);
+}
+
+/* Every proxy, current and retired, logs at this level from now on. */
+void
+services_set_log_level(int level)
+{
+	struct service	*sv;
+	json_t		*body;
+
+	body = json_pack("{s:s}", "log_level", log_level_name(level));
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_chan != -1)
+			service_send(sv, MSG_LOG_LEVEL, body, -1);
+	json_decref(body);
 }
 
 struct service *
@@ -153,6 +181,8 @@ service_configure(struct service *sv)
 	int	 r;
 
 	json_object_set_new(cfg, "sandbox", service_sandbox_policy(sv));
+	json_object_set_new(cfg, "log_level",
+	    json_string(log_level_name(log_get_level())));
 	r = service_send_ca(sv);
 	if (r == 0)
 		r = service_send(sv, MSG_CONFIG, cfg, sv->sv_lfd);
@@ -242,15 +272,16 @@ service_log_read_cb(struct bufferevent *bev, void *arg)
 	}
 }
 
+/* arg: the slot holding this bufferevent (a service's or a retired's). */
 static void
 service_log_event_cb(struct bufferevent *bev, short what, void *arg)
 {
-	struct service	*sv = arg;
+	struct bufferevent	**slot = arg;
 
-	service_log_read_cb(bev, arg);
+	service_log_read_cb(bev, NULL);
 	bufferevent_free(bev);
-	if (sv->sv_log == bev)
-		sv->sv_log = NULL;
+	if (*slot == bev)
+		*slot = NULL;
 }
 
 /* In the child between fork and exec: the launch contract of proto.h. */
@@ -340,7 +371,7 @@ service_start(struct service *sv)
 	evutil_make_socket_nonblocking(lp[0]);
 	sv->sv_log = bufferevent_socket_new(sup->base, lp[0], BEV_OPT_CLOSE_ON_FREE);
 	bufferevent_setcb(sv->sv_log, service_log_read_cb, NULL,
-	    service_log_event_cb, sv);
+	    service_log_event_cb, &sv->sv_log);
 	bufferevent_enable(sv->sv_log, EV_READ);
 	sv->sv_pid = pid;
 	sv->sv_chan = sp[0];
@@ -414,6 +445,7 @@ service_free(struct service *sv)
 		close(sv->sv_lfd);
 	json_decref(sv->sv_config);	/* the allocator wipes the secrets */
 	json_decref(sv->sv_sandbox);
+	json_decref(sv->sv_errors);
 	free(sv->sv_ca);
 	if (sv->sv_log != NULL)
 		bufferevent_free(sv->sv_log);
@@ -439,12 +471,131 @@ int
 services_alive(void)
 {
 	struct service	*sv;
+	struct retired	*rt;
 	int		 n = 0;
 
 	TAILQ_FOREACH(sv, &sup->services, sv_entry)
 		if (sv->sv_pid > 0)
 			n++;
+	TAILQ_FOREACH(rt, &sup->retired, rt_entry)
+		n++;
 	return n;
+}
+
+/* A retired proxy's channel: nothing it says matters any more but EOF. */
+static void
+retired_dispatch(evutil_socket_t fd, short ev, void *arg)
+{
+	struct retired	*rt = arg;
+	struct msg	 m;
+	const char	*err;
+	int		 r;
+
+	while ((r = msg_recv(rt->rt_chan, &m, &err)) == 1)
+		msg_free(&m);
+	if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return;
+	event_free(rt->rt_chan_ev);
+	rt->rt_chan_ev = NULL;
+	close(rt->rt_chan);
+	rt->rt_chan = -1;
+}
+
+static void
+retired_free(struct retired *rt)
+{
+	TAILQ_REMOVE(&sup->retired, rt, rt_entry);
+	if (rt->rt_chan_ev != NULL)
+		event_free(rt->rt_chan_ev);
+	if (rt->rt_chan != -1)
+		close(rt->rt_chan);
+	if (rt->rt_log != NULL)
+		bufferevent_free(rt->rt_log);
+	free(rt->rt_key);
+	free(rt);
+}
+
+/*
+ * Hand the current proxy over to the retired list and tell it to drain:
+ * it stops accepting (the listening socket stays open here, so nothing is
+ * refused meanwhile) and finishes its sessions within `grace` seconds.
+ */
+static void
+service_retire(struct service *sv, int grace)
+{
+	struct retired	*rt;
+	json_t		*body;
+
+	if (sv->sv_pid <= 0)
+		return;
+	if ((rt = calloc(1, sizeof(*rt))) == NULL)
+		fatal("calloc");
+	rt->rt_key = strdup(sv->sv_key);
+	rt->rt_pid = sv->sv_pid;
+	rt->rt_chan = sv->sv_chan;
+	rt->rt_log = sv->sv_log;
+	if (rt->rt_log != NULL)
+		bufferevent_setcb(rt->rt_log, service_log_read_cb, NULL,
+		    service_log_event_cb, &rt->rt_log);
+	if (sv->sv_chan_ev != NULL)
+		event_free(sv->sv_chan_ev);
+	sv->sv_chan_ev = NULL;
+	sv->sv_chan = -1;
+	sv->sv_log = NULL;
+	sv->sv_pid = 0;
+	TAILQ_INSERT_TAIL(&sup->retired, rt, rt_entry);
+	body = json_pack("{s:i}", "grace", grace);
+	if (rt->rt_chan == -1 || msg_send(rt->rt_chan, MSG_DRAIN, body, -1) == -1)
+		kill(rt->rt_pid, grace > 0 ? SIGTERM : SIGKILL);
+	json_decref(body);
+	if (rt->rt_chan != -1) {
+		rt->rt_chan_ev = event_new(sup->base, rt->rt_chan,
+		    EV_READ | EV_PERSIST, retired_dispatch, rt);
+		event_add(rt->rt_chan_ev, NULL);
+	}
+	log_info("service %s: pid %d retired, draining within %d s", sv->sv_key,
+	    (int)rt->rt_pid, grace);
+}
+
+/*
+ * Restart a service's proxy.  Graceful: the new proxy starts on the same
+ * listening socket first, then the old one drains.  Hard: the old one is
+ * ended at once, its sessions cut (no QUIT upstream: nothing is deleted).
+ * Either way the backoff is cleared.
+ */
+int
+service_restart(struct service *sv, int hard)
+{
+	if (sv->sv_remove || sv->sv_state == SERVICE_STOPPING)
+		return -1;
+	sv->sv_backoff = 1;
+	if (sv->sv_timer != NULL)
+		evtimer_del(sv->sv_timer);
+	log_info("service %s: %s restart requested", sv->sv_key,
+	    hard ? "hard" : "graceful");
+	service_retire(sv, hard ? 0 : sup->st.drain_grace);
+	sv->sv_restarts++;
+	return service_start(sv);
+}
+
+/* Take a service out of service: stop accepting, let sessions finish. */
+int
+service_drain(struct service *sv)
+{
+	if (sv->sv_remove || sv->sv_state == SERVICE_STOPPING)
+		return -1;
+	if (sv->sv_timer != NULL)
+		evtimer_del(sv->sv_timer);
+	service_retire(sv, sup->st.drain_grace);
+	/* the port stays reserved; new clients are refused until a restart */
+	if (sv->sv_lfd != -1) {
+		close(sv->sv_lfd);
+		sv->sv_lfd = -1;
+	}
+	sv->sv_state = SERVICE_DRAINED;
+	service_set_error(sv, "drained by an operator; tpmailctl restart "
+	    "brings it back");
+	return 0;
 }
 
 /* SIGCHLD: log every exit, restart what should run, free what should not. */
@@ -452,6 +603,7 @@ void
 child_reap(void)
 {
 	struct service	*sv, *found;
+	struct retired	*rt;
 	pid_t		 pid;
 	int		 status;
 	char		 how[128];
@@ -461,6 +613,9 @@ child_reap(void)
 		TAILQ_FOREACH(sv, &sup->services, sv_entry)
 			if (sv->sv_pid == pid)
 				found = sv;
+		TAILQ_FOREACH(rt, &sup->retired, rt_entry)
+			if (rt->rt_pid == pid)
+				break;
 		if (WIFEXITED(status))
 			snprintf(how, sizeof(how), "exited with status %d",
 			    WEXITSTATUS(status));
@@ -469,6 +624,12 @@ child_reap(void)
 			    WTERMSIG(status), WTERMSIG(status) == SIGSYS ?
 			    " (SIGSYS: a system call outside its sandbox)" : "",
 			    WCOREDUMP(status) ? " (core)" : "");
+		if (rt != NULL) {
+			log_info("service %s: retired proxy pid %d %s", rt->rt_key,
+			    (int)pid, how);
+			retired_free(rt);
+			continue;
+		}
 		if (found == NULL) {
 			log_info("pid %d %s", (int)pid, how);
 			continue;

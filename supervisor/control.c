@@ -25,19 +25,15 @@
 
 static struct evconnlistener	*control_listener;
 
-/* tpmailctl status --json: the services and the rejected CRs. */
-json_t *
-control_status(void)
+/* One service as tpmailctl status shows it. */
+static json_t *
+control_service(struct service *sv)
 {
-	struct service	*sv;
-	json_t		*services = json_array(), *rej = json_array(), *r;
-	char		 listen[128];
-	size_t		 i;
+	char	listen[128];
 
-	TAILQ_FOREACH(sv, &sup->services, sv_entry) {
-		snprintf(listen, sizeof(listen), "%s:%d", sup->st.listen_address,
-		    sv->sv_port);
-		json_array_append_new(services, json_pack(
+	snprintf(listen, sizeof(listen), "%s:%d", sup->st.listen_address,
+	    sv->sv_port);
+	return json_pack(
 		    "{s:s,s:s,s:s,s:s?,s:s,s:i,s:o,s:s,s:i,s:I,s:I,s:I,s:s?,s:O?}",
 		    "namespace", sv->sv_namespace, "name", sv->sv_name,
 		    "cr", sv->sv_cr, "tenant", sv->sv_tenant,
@@ -48,8 +44,30 @@ control_status(void)
 		    "sessions_active", (json_int_t)sv->sv_active,
 		    "sessions_total", (json_int_t)sv->sv_total,
 		    "sessions_failed", (json_int_t)sv->sv_failed,
-		    "error", sv->sv_error, "sandbox", sv->sv_sandbox));
-	}
+		    "error", sv->sv_error, "sandbox", sv->sv_sandbox);
+}
+
+static struct service *
+control_find(const char *key)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (key != NULL && strcmp(sv->sv_key, key) == 0 && !sv->sv_remove)
+			return sv;
+	return NULL;
+}
+
+/* tpmailctl status --json: the services and the rejected CRs. */
+json_t *
+control_status(void)
+{
+	struct service	*sv;
+	json_t		*services = json_array(), *rej = json_array(), *r;
+	size_t		 i;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		json_array_append_new(services, control_service(sv));
 	json_array_foreach(sup->rejected, i, r)
 		json_array_append_new(rej, json_pack("{s:O,s:O,s:O,s:O}",
 		    "namespace", json_object_get(r, "namespace"),
@@ -80,6 +98,98 @@ control_test_syscall(json_t *req)
 	return json_pack("{s:s}", "error", "no such running service");
 }
 #endif
+
+/* status, or status of one service in detail (recent errors included). */
+static json_t *
+control_status_req(json_t *req)
+{
+	const char	*key = json_string_value(json_object_get(req, "service"));
+	struct service	*sv;
+	json_t		*one;
+
+	if (key == NULL)
+		return control_status();
+	if ((sv = control_find(key)) == NULL)
+		return json_pack("{s:s+}", "error", "no such service: ", key);
+	one = control_service(sv);
+	json_object_set(one, "recent_errors", sv->sv_errors ? sv->sv_errors :
+	    json_array());
+	json_object_set_new(one, "started", json_integer(sv->sv_started));
+	return json_pack("{s:o}", "service", one);
+}
+
+/* restart one service, or every service of a CR; graceful unless hard. */
+static json_t *
+control_restart(json_t *req)
+{
+	const char	*key = json_string_value(json_object_get(req, "service"));
+	const char	*cr = json_string_value(json_object_get(req, "cr"));
+	int		 hard = json_is_true(json_object_get(req, "hard"));
+	struct service	*sv, *next;
+	json_t		*done = json_array();
+	char		 ns[256];
+	const char	*slash;
+
+	if (cr == NULL) {
+		if ((sv = control_find(key)) == NULL) {
+			json_decref(done);
+			return json_pack("{s:s+}", "error", "no such service: ",
+			    key ? key : "(none)");
+		}
+		if (service_restart(sv, hard) == -1) {
+			json_decref(done);
+			return json_pack("{s:s+}", "error", "cannot restart ", key);
+		}
+		json_array_append_new(done, json_string(sv->sv_key));
+		return json_pack("{s:b,s:o}", "ok", 1, "restarted", done);
+	}
+	if ((slash = strchr(cr, '/')) == NULL || (size_t)(slash - cr) >= sizeof(ns)) {
+		json_decref(done);
+		return json_pack("{s:s}", "error", "expected --cr <namespace>/<cr>");
+	}
+	memcpy(ns, cr, slash - cr);
+	ns[slash - cr] = '\0';
+	TAILQ_FOREACH_SAFE(sv, &sup->services, sv_entry, next)
+		if (!sv->sv_remove && strcmp(sv->sv_namespace, ns) == 0 &&
+		    strcmp(sv->sv_cr, slash + 1) == 0 &&
+		    service_restart(sv, hard) == 0)
+			json_array_append_new(done, json_string(sv->sv_key));
+	if (json_array_size(done) == 0) {
+		json_decref(done);
+		return json_pack("{s:s+}", "error", "no running service for CR ", cr);
+	}
+	return json_pack("{s:b,s:o}", "ok", 1, "restarted", done);
+}
+
+static json_t *
+control_drain(json_t *req)
+{
+	const char	*key = json_string_value(json_object_get(req, "service"));
+	struct service	*sv;
+
+	if ((sv = control_find(key)) == NULL)
+		return json_pack("{s:s+}", "error", "no such service: ",
+		    key ? key : "(none)");
+	if (service_drain(sv) == -1)
+		return json_pack("{s:s+}", "error", "cannot drain ", key);
+	return json_pack("{s:b}", "ok", 1);
+}
+
+static json_t *
+control_log_level(json_t *req)
+{
+	const char	*lvl = json_string_value(json_object_get(req, "level"));
+	int		 l;
+
+	if (lvl == NULL || (l = log_level_parse(lvl)) == -1)
+		return json_pack("{s:s}", "error",
+		    "level must be error, warn, info or debug");
+	log_set_level(l);
+	sup->st.log_level = l;
+	services_set_log_level(l);
+	log_info("log level set to %s", log_level_name(l));
+	return json_pack("{s:b,s:s}", "ok", 1, "level", log_level_name(l));
+}
 
 static void
 control_reply(struct bufferevent *bev, json_t *reply)
@@ -118,7 +228,13 @@ control_read_cb(struct bufferevent *bev, void *arg)
 		control_reply(bev, json_pack("{s:s}", "error",
 		    "malformed request: expected {\"cmd\": ...}"));
 	else if (strcmp(cmd, "status") == 0)
-		control_reply(bev, control_status());
+		control_reply(bev, control_status_req(req));
+	else if (strcmp(cmd, "restart") == 0)
+		control_reply(bev, control_restart(req));
+	else if (strcmp(cmd, "drain") == 0)
+		control_reply(bev, control_drain(req));
+	else if (strcmp(cmd, "log-level") == 0)
+		control_reply(bev, control_log_level(req));
 #ifdef TPMAIL_SANDBOX_TESTING
 	else if (strcmp(cmd, "test-syscall") == 0)
 		control_reply(bev, control_test_syscall(req));

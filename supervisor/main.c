@@ -34,12 +34,16 @@ supervisor_stop_timeout_cb(evutil_socket_t fd, short ev, void *arg)
 {
 	struct service	*sv;
 
+	struct retired	*rt;
+
 	TAILQ_FOREACH(sv, &sup->services, sv_entry)
 		if (sv->sv_pid > 0) {
 			log_warnx("service %s: pid %d still running after the "
 			    "grace period; killing it", sv->sv_key, (int)sv->sv_pid);
 			kill(sv->sv_pid, SIGKILL);
 		}
+	TAILQ_FOREACH(rt, &sup->retired, rt_entry)
+		kill(rt->rt_pid, SIGKILL);
 }
 
 static void
@@ -165,6 +169,7 @@ main(int argc, char *argv[])
 		sigaddset(&mask, signos[i]);
 	sigprocmask(SIG_UNBLOCK, &mask, NULL);
 	TAILQ_INIT(&sup->services);
+	TAILQ_INIT(&sup->retired);
 	sup->rejected = json_array();
 
 	if (stat(sup->st.crs_dir, &sb) == -1 || !S_ISDIR(sb.st_mode))

@@ -84,7 +84,7 @@ reconcile_config(const char *key, json_t *resolved, char *msg, size_t msgsz)
 	ca = json_string_value(json_object_get(up, "cafile"));
 	json_object_set_new(up, "ca", json_string(ca ? ca : "system"));
 	json_object_del(up, "cafile");
-	c = json_pack("{s:s,s:o,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i},s:s}",
+	c = json_pack("{s:s,s:o,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i}}",
 	    "service", key,
 	    "upstream", up,
 	    "auth", json_object_get(resolved, "auth"),
@@ -94,9 +94,7 @@ reconcile_config(const char *key, json_t *resolved, char *msg, size_t msgsz)
 	    "idle_timeout", sup->st.idle_timeout,
 	    "max_sessions", sup->st.max_sessions,
 	    "max_line", sup->st.max_line,
-	    "max_buffer", sup->st.max_buffer,
-	    "log_level", sup->st.log_level == 3 ? "debug" :
-	    sup->st.log_level == 2 ? "info" : "warn");
+	    "max_buffer", sup->st.max_buffer);
 	return c;
 }
 

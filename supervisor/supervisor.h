@@ -69,6 +69,7 @@ enum service_state {
 	SERVICE_BACKOFF,
 	SERVICE_FAILED,
 	SERVICE_STOPPING,
+	SERVICE_DRAINED,	/* taken out of service by an operator */
 };
 
 /* One tenant service: a listening socket and the proxy serving it. */
@@ -100,13 +101,30 @@ struct service {
 	long			 sv_total;
 	long			 sv_failed;
 	char			*sv_error;
+	json_t			*sv_errors;	/* recent errors, oldest first */
 };
+#define SERVICE_ERRORS_KEPT	10
 TAILQ_HEAD(service_list, service);
+
+/*
+ * A proxy replaced by a graceful restart: it stops accepting and finishes
+ * its sessions while the new one serves; only reaped.
+ */
+struct retired {
+	TAILQ_ENTRY(retired)	 rt_entry;
+	char			*rt_key;
+	pid_t			 rt_pid;
+	int			 rt_chan;
+	struct event		*rt_chan_ev;
+	struct bufferevent	*rt_log;
+};
+TAILQ_HEAD(retired_list, retired);
 
 struct supervisor {
 	struct settings		 st;
 	struct event_base	*base;
 	struct service_list	 services;
+	struct retired_list	 retired;
 	json_t			*rejected;	/* array of {namespace,cr,reason,error} */
 	json_t			*destinations;	/* last good destinations file */
 	json_t			*ports;		/* "ns/name" -> port, persisted */
@@ -141,10 +159,13 @@ struct service	*service_new(const char *ns, const char *name, const char *cr,
 int	 service_start(struct service *);
 void	 service_update(struct service *, json_t *config, const char *ca);
 void	 service_stop(struct service *);
+int	 service_restart(struct service *, int hard);
+int	 service_drain(struct service *);
 void	 service_free(struct service *);
 void	 child_reap(void);
 const char *service_state_name(enum service_state);
 int	 services_alive(void);
+void	 services_set_log_level(int);
 
 /* ports.c */
 void	 ports_load(void);

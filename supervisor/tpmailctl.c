@@ -21,12 +21,24 @@ static void
 usage(FILE *f)
 {
 	fprintf(f,
-"usage: tpmailctl [--control PATH] status [--json]\n"
+"usage: tpmailctl [--control PATH] [--json] COMMAND [ARGS]\n"
 "\n"
-"  status        tenant services (endpoint, pid, state, restarts, sessions,\n"
-"                last error) and rejected CRs with their reasons\n"
-"  --json        print the supervisor's JSON reply\n"
-"  --control     tpmaild's control socket (default " DEFAULT_CONTROL ")\n");
+"  status [NS/SERVICE]        tenant services and rejected CRs; one service in\n"
+"                             detail (sandbox, recent errors)\n"
+"  restart NS/SERVICE [--hard]\n"
+"  restart --cr NS/CR [--hard]\n"
+"                             restart a tenant's proxy: a new one takes over the\n"
+"                             listening socket, the old one finishes its sessions\n"
+"                             (--hard: ends them now); clears a backoff\n"
+"  drain NS/SERVICE           stop accepting, let sessions finish; `restart`\n"
+"                             brings it back\n"
+"  log-level LEVEL            error, warn, info or debug, for tpmaild and every proxy\n"
+"\n"
+"  --json      print the supervisor's JSON reply\n"
+"  --control   tpmaild's control socket (default " DEFAULT_CONTROL ")\n"
+"\n"
+"Exit status: 0 done, 1 tpmaild refused (e.g. no such service), 2 usage,\n"
+"3 tpmaild not reachable.\n");
 }
 
 static json_t *
@@ -129,24 +141,69 @@ print_table(json_t *reply)
 		    str_or(s, "error", ""));
 }
 
+static void
+print_detail(json_t *sv)
+{
+	json_t		*e, *sb, *m;
+	size_t		 i;
+	const char	*k;
+
+	printf("service:   %s/%s\n", str_or(sv, "namespace", "-"),
+	    str_or(sv, "name", "-"));
+	printf("cr:        %s\n", str_or(sv, "cr", "-"));
+	printf("tenant:    %s\n", str_or(sv, "tenant", "- (dedicated)"));
+	printf("listen:    %s (Service port %lld)\n", str_or(sv, "listen", "-"),
+	    (long long)json_integer_value(json_object_get(sv, "port")));
+	printf("state:     %s, pid %lld, restarts %lld\n", str_or(sv, "state", "-"),
+	    (long long)json_integer_value(json_object_get(sv, "pid")),
+	    (long long)json_integer_value(json_object_get(sv, "restarts")));
+	printf("sessions:  %lld active, %lld total, %lld failed\n",
+	    (long long)json_integer_value(json_object_get(sv, "sessions_active")),
+	    (long long)json_integer_value(json_object_get(sv, "sessions_total")),
+	    (long long)json_integer_value(json_object_get(sv, "sessions_failed")));
+	if ((sb = json_object_get(sv, "sandbox")) != NULL) {
+		printf("sandbox:  ");
+		json_object_foreach(sb, k, m) {
+			if (json_is_integer(m))
+				printf(" %s=%lld", k, (long long)json_integer_value(m));
+			else if (json_is_boolean(m))
+				printf(" %s=%s", k, json_is_true(m) ? "yes" : "no");
+		}
+		printf("\n");
+		json_array_foreach(json_object_get(sb, "missing"), i, m)
+			printf("  not applied: %s\n", json_string_value(m));
+	}
+	printf("recent errors:\n");
+	json_array_foreach(json_object_get(sv, "recent_errors"), i, e)
+		printf("  %s  %s\n", str_or(e, "time", "?"), str_or(e, "error", ""));
+	if (json_array_size(json_object_get(sv, "recent_errors")) == 0)
+		printf("  (none)\n");
+}
+
 int
 main(int argc, char *argv[])
 {
 	static const struct option opts[] = {
 		{ "control", required_argument, NULL, 'c' },
 		{ "json", no_argument, NULL, 'j' },
+		{ "hard", no_argument, NULL, 'H' },
+		{ "cr", required_argument, NULL, 'r' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char	*control = DEFAULT_CONTROL;
-	json_t		*reply;
+	const char	*control = DEFAULT_CONTROL, *cmd, *cr = NULL, *arg = NULL;
+	const char	*arg2 = NULL;
+	json_t		*reply, *req;
 	char		*s;
-	int		 opt, json = 0;
+	int		 opt, json = 0, hard = 0, rc;
 
+	/* options may come before or after the command: tpmailctl status --json */
 	while ((opt = getopt_long(argc, argv, "c:jh", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'c': control = optarg; break;
 		case 'j': json = 1; break;
+		case 'H': hard = 1; break;
+		case 'r': cr = optarg; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -155,45 +212,57 @@ main(int argc, char *argv[])
 		usage(stderr);
 		return 2;
 	}
-#ifdef TPMAIL_SANDBOX_TESTING
-	/* test builds only: tpmailctl test-syscall <ns>/<service> <syscall> */
-	if (strcmp(argv[optind], "test-syscall") == 0 && optind + 2 < argc) {
-		reply = request(control, json_pack("{s:s,s:s,s:s}", "cmd",
-		    "test-syscall", "service", argv[optind + 1], "syscall",
-		    argv[optind + 2]));
-		opt = json_object_get(reply, "error") != NULL;
-		if (opt)
-			fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
-		json_decref(reply);
-		return opt;
-	}
-#endif
-	if (strcmp(argv[optind], "status") != 0) {
-		fprintf(stderr, "tpmailctl: unknown command %s\n", argv[optind]);
+	cmd = argv[optind];
+	if (optind + 1 < argc)
+		arg = argv[optind + 1];
+	if (optind + 2 < argc)
+		arg2 = argv[optind + 2];
+	if (optind + 3 < argc) {
 		usage(stderr);
 		return 2;
 	}
-	/* options may follow the command too: tpmailctl status --json */
-	for (opt = optind + 1; opt < argc; opt++) {
-		if (strcmp(argv[opt], "--json") == 0)
-			json = 1;
-		else {
-			usage(stderr);
-			return 2;
-		}
+	if (strcmp(cmd, "status") == 0 && arg2 == NULL)
+		req = json_pack("{s:s,s:s?}", "cmd", "status", "service", arg);
+	else if (strcmp(cmd, "restart") == 0 && arg2 == NULL &&
+	    (arg != NULL) != (cr != NULL))
+		req = json_pack("{s:s,s:s?,s:s?,s:b}", "cmd", "restart",
+		    "service", arg, "cr", cr, "hard", hard);
+	else if (strcmp(cmd, "drain") == 0 && arg != NULL && arg2 == NULL)
+		req = json_pack("{s:s,s:s}", "cmd", "drain", "service", arg);
+	else if (strcmp(cmd, "log-level") == 0 && arg != NULL && arg2 == NULL)
+		req = json_pack("{s:s,s:s}", "cmd", "log-level", "level", arg);
+#ifdef TPMAIL_SANDBOX_TESTING
+	/* test builds only: tpmailctl test-syscall <ns>/<service> <syscall> */
+	else if (strcmp(cmd, "test-syscall") == 0 && arg2 != NULL)
+		req = json_pack("{s:s,s:s,s:s}", "cmd", "test-syscall",
+		    "service", arg, "syscall", arg2);
+#endif
+	else {
+		fprintf(stderr, "tpmailctl: bad command line\n");
+		usage(stderr);
+		return 2;
 	}
-	reply = request(control, json_pack("{s:s}", "cmd", "status"));
-	if (json_object_get(reply, "error") != NULL) {
-		fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
-		json_decref(reply);
-		return 1;
-	}
+	reply = request(control, req);
+	rc = json_object_get(reply, "error") != NULL;
 	if (json) {
 		s = json_dumps(reply, JSON_INDENT(2));
 		printf("%s\n", s);
 		free(s);
-	} else
+	} else if (rc)
+		fprintf(stderr, "tpmailctl: %s\n", str_or(reply, "error", "?"));
+	else if (strcmp(cmd, "status") == 0 && arg != NULL)
+		print_detail(json_object_get(reply, "service"));
+	else if (strcmp(cmd, "status") == 0)
 		print_table(reply);
+	else if (strcmp(cmd, "restart") == 0) {
+		json_t	*v;
+		size_t	 i;
+
+		json_array_foreach(json_object_get(reply, "restarted"), i, v)
+			printf("restarted %s%s\n", json_string_value(v),
+			    hard ? " (hard)" : "");
+	} else if (strcmp(cmd, "log-level") == 0)
+		printf("log level %s\n", str_or(reply, "level", "?"));
 	json_decref(reply);
-	return 0;
+	return rc;
 }
