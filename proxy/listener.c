@@ -35,7 +35,7 @@ listener_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 		    MSG_DONTWAIT | MSG_NOSIGNAL);
 		(void)n;
 		close(fd);
-		proxy->failed++;
+		proxy_session_refused();
 		log_warnx("refused a client: %u sessions active (max_sessions)",
 		    proxy->active);
 		return;

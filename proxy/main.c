@@ -45,9 +45,10 @@ proxy_send(int type, json_t *body)
 static void
 proxy_send_stats(void)
 {
-	proxy_send(MSG_STATS, json_pack("{s:I,s:I,s:I}", "active",
+	proxy_send(MSG_STATS, json_pack("{s:I,s:I,s:I,s:o}", "active",
 	    (json_int_t)proxy->active, "total", (json_int_t)proxy->total,
-	    "failed", (json_int_t)proxy->failed));
+	    "failed", (json_int_t)proxy->failed, "counters",
+	    stats_json(&proxy->stats)));
 }
 
 void
@@ -55,15 +56,42 @@ proxy_session_opened(void)
 {
 	proxy->active++;
 	proxy->total++;
+	proxy->stats.st_total++;
 	proxy_send_stats();
 }
 
 void
-proxy_session_closed(int failed, const char *error)
+proxy_session_refused(void)
+{
+	proxy->failed++;
+	proxy->stats.st_refused++;
+	proxy_send_stats();
+}
+
+void
+proxy_login_done(double seconds)
+{
+	stats_observe(&proxy->stats.st_login, seconds);
+}
+
+void
+proxy_upstream_failed(enum upstream_failure why)
+{
+	proxy->stats.st_upfail[why]++;
+}
+
+void
+proxy_session_closed(enum session_outcome outcome, int failed,
+    const char *error, double duration, unsigned long to_client,
+    unsigned long to_server)
 {
 	proxy->active--;
 	if (failed)
 		proxy->failed++;
+	proxy->stats.st_outcome[outcome]++;
+	proxy->stats.st_bytes_to_client += to_client;
+	proxy->stats.st_bytes_to_server += to_server;
+	stats_observe(&proxy->stats.st_duration, duration);
 	if (error != NULL)
 		proxy_send(MSG_EVENT, json_pack("{s:s}", "error", error));
 	proxy_send_stats();

@@ -53,6 +53,42 @@ struct proxy_config {
 	SSL_CTX			*ssl_ctx;	/* built once per config */
 };
 
+/* Histogram buckets (seconds), shared by every duration the proxy reports. */
+#define STATS_NBUCKETS	14
+extern const double	stats_buckets[STATS_NBUCKETS];
+
+struct histogram {
+	unsigned long	h_counts[STATS_NBUCKETS + 1];	/* last: +Inf */
+	double		h_sum;
+	unsigned long	h_count;
+};
+
+enum session_outcome {
+	OUTCOME_OK,		/* the client's QUIT */
+	OUTCOME_CLIENT_CLOSED,	/* the client left without QUIT */
+	OUTCOME_LOGIN_FAILED,	/* the upstream login failed */
+	OUTCOME_IDLE_TIMEOUT,
+	OUTCOME_ERROR,
+	OUTCOME_MAX,
+};
+
+enum upstream_failure {
+	UPFAIL_CONNECT, UPFAIL_TLS, UPFAIL_AUTH, UPFAIL_TIMEOUT, UPFAIL_PROTOCOL,
+	UPFAIL_MAX,
+};
+
+/* Counters since this process started; tpmaild adds up restarts. */
+struct proxy_stats {
+	unsigned long		st_total;
+	unsigned long		st_refused;
+	unsigned long		st_outcome[OUTCOME_MAX];
+	unsigned long		st_upfail[UPFAIL_MAX];
+	unsigned long long	st_bytes_to_client;
+	unsigned long long	st_bytes_to_server;
+	struct histogram	st_duration;
+	struct histogram	st_login;
+};
+
 struct proxy {
 	struct event_base	*base;
 	struct proxy_config	*cfg;
@@ -66,6 +102,7 @@ struct proxy {
 	unsigned long		 total;
 	unsigned long		 failed;
 	unsigned long		 next_id;
+	struct proxy_stats	 stats;
 };
 
 extern struct proxy	*proxy;
@@ -78,7 +115,15 @@ void			 config_unref(struct proxy_config *);
 
 /* main.c */
 void	proxy_session_opened(void);
-void	proxy_session_closed(int failed, const char *error);
+void	proxy_session_closed(enum session_outcome, int failed, const char *error,
+	    double duration, unsigned long to_client, unsigned long to_server);
+void	proxy_session_refused(void);
+void	proxy_login_done(double seconds);
+void	proxy_upstream_failed(enum upstream_failure);
+
+/* stats.c */
+void	stats_observe(struct histogram *, double);
+json_t	*stats_json(const struct proxy_stats *);
 
 /* listener.c */
 void	listener_start(int fd);

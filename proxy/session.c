@@ -65,6 +65,7 @@ struct session {
 	int			 se_client_eof;	/* half-closed: replies still owed */
 	int			 se_client_gone;	/* cannot be written to */
 	int			 se_failed;
+	int			 se_login_failed;
 	char			*se_reason;	/* owned: callers' strings are transient */
 	char			*se_capa;
 	struct timeval		 se_start;
@@ -501,6 +502,11 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 void
 session_upstream_ready(struct session *s)
 {
+	struct timeval	now, d;
+
+	gettimeofday(&now, NULL);
+	timersub(&now, &s->se_start, &d);
+	proxy_login_done(d.tv_sec + d.tv_usec / 1e6);
 	s->se_ubev = upstream_bev(s->se_up);
 	bufferevent_setcb(s->se_ubev, session_upstream_read_cb,
 	    session_upstream_write_cb, session_upstream_event_cb, s);
@@ -530,6 +536,7 @@ session_upstream_failed(struct session *s, const char *code, const char *reason)
 		return;
 	evbuffer_add_printf(bufferevent_get_output(s->se_client),
 	    "-ERR [%s] %s\r\n", code, reason);
+	s->se_login_failed = 1;
 	/* the upstream object is still on the stack: free it later */
 	session_close_flush(s, 1, reason);
 }
@@ -577,6 +584,21 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	free(s);
 }
 
+/* Which outcome a session's end counts as, for the metrics. */
+static enum session_outcome
+session_outcome(struct session *s, const char *reason)
+{
+	if (s->se_login_failed)
+		return OUTCOME_LOGIN_FAILED;
+	if (strcmp(reason, "quit") == 0)
+		return OUTCOME_OK;
+	if (strcmp(reason, "idle timeout") == 0)
+		return OUTCOME_IDLE_TIMEOUT;
+	if (strcmp(reason, "client closed") == 0)
+		return OUTCOME_CLIENT_CLOSED;
+	return OUTCOME_ERROR;
+}
+
 /* The session's end: one log line, then everything is freed. */
 static void
 session_close(struct session *s, int failed, const char *reason)
@@ -596,7 +618,9 @@ session_close(struct session *s, int failed, const char *reason)
 	bufferevent_disable(s->se_client, EV_READ | EV_WRITE);
 	if (s->se_ubev != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
-	proxy_session_closed(failed, failed ? reason : NULL);
+	proxy_session_closed(session_outcome(s, reason), failed,
+	    failed ? reason : NULL, d.tv_sec + d.tv_usec / 1e6, s->se_bytes_up,
+	    s->se_bytes_down);
 	/* callers may still be inside this session's callbacks */
 	event_base_once(proxy->base, -1, EV_TIMEOUT, session_free_cb, s,
 	    &(struct timeval){ 0, 0 });

@@ -81,6 +81,22 @@ upstream_strstate(enum upstream_state st)
 	return names[st];
 }
 
+/* The metrics' class of a login failure. */
+static enum upstream_failure
+upstream_failure_kind(struct upstream *u, const char *code, const char *reason)
+{
+	if (strstr(reason, "timed out") != NULL)
+		return UPFAIL_TIMEOUT;
+	if (u->up_state == UP_TLS_CONNECT || u->up_state == UP_STLS_HANDSHAKE ||
+	    u->up_state == UP_STLS || strstr(reason, "STLS") != NULL)
+		return UPFAIL_TLS;
+	if (u->up_state == UP_CONNECT)
+		return UPFAIL_CONNECT;
+	if (u->up_state >= UP_USER && u->up_state <= UP_AUTH_LOGIN_PASS)
+		return UPFAIL_AUTH;
+	return UPFAIL_PROTOCOL;
+}
+
 /* Fail the login: the session greets its client with -ERR [code]. */
 static void
 upstream_fail(struct upstream *u, const char *code, const char *reason)
@@ -90,6 +106,7 @@ upstream_fail(struct upstream *u, const char *code, const char *reason)
 	log_warnx("session=%lu upstream=%s:%d state=%s result=fail reason=\"%s\"",
 	    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port,
 	    upstream_strstate(u->up_state), reason);
+	proxy_upstream_failed(upstream_failure_kind(u, code, reason));
 	u->up_state = UP_FAILED;
 	evtimer_del(u->up_timer);
 	if (u->up_bev != NULL)

@@ -230,6 +230,11 @@ service_dispatch(evutil_socket_t fd, short ev, void *arg)
 			    sv->sv_port);
 			break;
 		case MSG_STATS:
+			if (json_is_object(json_object_get(m.body, "counters"))) {
+				json_decref(sv->sv_counters);
+				sv->sv_counters = json_incref(json_object_get(
+				    m.body, "counters"));
+			}
 			sv->sv_active = json_integer_value(
 			    json_object_get(m.body, "active"));
 			sv->sv_total = json_integer_value(
@@ -446,6 +451,8 @@ service_free(struct service *sv)
 	json_decref(sv->sv_config);	/* the allocator wipes the secrets */
 	json_decref(sv->sv_sandbox);
 	json_decref(sv->sv_errors);
+	json_decref(sv->sv_counters);
+	json_decref(sv->sv_base);
 	free(sv->sv_ca);
 	if (sv->sv_log != NULL)
 		bufferevent_free(sv->sv_log);
@@ -482,6 +489,42 @@ services_alive(void)
 	return n;
 }
 
+/* A dead proxy's counters join its predecessors'. */
+static void
+service_fold_counters(struct service *sv, json_t *c)
+{
+	if (sv->sv_base == NULL)
+		sv->sv_base = json_deep_copy(c);
+	else
+		stats_add(sv->sv_base, c);
+}
+
+/* All of a service's counters: the dead, the retired and the current. */
+json_t *
+service_counters(struct service *sv)
+{
+	struct retired	*rt;
+	json_t		*acc = NULL;
+
+	if (sv->sv_base != NULL)
+		acc = json_deep_copy(sv->sv_base);
+	if (sv->sv_counters != NULL) {
+		if (acc == NULL)
+			acc = json_deep_copy(sv->sv_counters);
+		else
+			stats_add(acc, sv->sv_counters);
+	}
+	TAILQ_FOREACH(rt, &sup->retired, rt_entry) {
+		if (strcmp(rt->rt_key, sv->sv_key) != 0 || rt->rt_counters == NULL)
+			continue;
+		if (acc == NULL)
+			acc = json_deep_copy(rt->rt_counters);
+		else
+			stats_add(acc, rt->rt_counters);
+	}
+	return acc;
+}
+
 /* A retired proxy's channel: nothing it says matters any more but EOF. */
 static void
 retired_dispatch(evutil_socket_t fd, short ev, void *arg)
@@ -491,8 +534,16 @@ retired_dispatch(evutil_socket_t fd, short ev, void *arg)
 	const char	*err;
 	int		 r;
 
-	while ((r = msg_recv(rt->rt_chan, &m, &err)) == 1)
+	while ((r = msg_recv(rt->rt_chan, &m, &err)) == 1) {
+		/* only its counters still matter, until it is reaped */
+		if (m.type == MSG_STATS && json_is_object(json_object_get(m.body,
+		    "counters"))) {
+			json_decref(rt->rt_counters);
+			rt->rt_counters = json_incref(json_object_get(m.body,
+			    "counters"));
+		}
 		msg_free(&m);
+	}
 	if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
 		return;
 	event_free(rt->rt_chan_ev);
@@ -511,6 +562,7 @@ retired_free(struct retired *rt)
 		close(rt->rt_chan);
 	if (rt->rt_log != NULL)
 		bufferevent_free(rt->rt_log);
+	json_decref(rt->rt_counters);
 	free(rt->rt_key);
 	free(rt);
 }
@@ -543,6 +595,8 @@ service_retire(struct service *sv, int grace)
 	sv->sv_chan = -1;
 	sv->sv_log = NULL;
 	sv->sv_pid = 0;
+	rt->rt_counters = sv->sv_counters;	/* it goes on counting */
+	sv->sv_counters = NULL;
 	TAILQ_INSERT_TAIL(&sup->retired, rt, rt_entry);
 	body = json_pack("{s:i}", "grace", grace);
 	if (rt->rt_chan == -1 || msg_send(rt->rt_chan, MSG_DRAIN, body, -1) == -1)
@@ -627,6 +681,10 @@ child_reap(void)
 		if (rt != NULL) {
 			log_info("service %s: retired proxy pid %d %s", rt->rt_key,
 			    (int)pid, how);
+			TAILQ_FOREACH(sv, &sup->services, sv_entry)
+				if (strcmp(sv->sv_key, rt->rt_key) == 0 &&
+				    !sv->sv_remove && rt->rt_counters != NULL)
+					service_fold_counters(sv, rt->rt_counters);
 			retired_free(rt);
 			continue;
 		}
@@ -637,6 +695,11 @@ child_reap(void)
 		sv = found;
 		sv->sv_pid = 0;
 		sv->sv_active = 0;
+		if (sv->sv_counters != NULL) {
+			service_fold_counters(sv, sv->sv_counters);
+			json_decref(sv->sv_counters);
+			sv->sv_counters = NULL;
+		}
 		service_close_channel(sv);
 		if (sv->sv_remove || sup->stopping) {
 			log_info("service %s: proxy %s", sv->sv_key, how);

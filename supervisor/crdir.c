@@ -162,6 +162,7 @@ crdir_load(size_t *ncrs, json_t *rejected)
 		if (asprintf(&path, "%s/%s", sup->st.crs_dir, names[i]) == -1)
 			fatal("asprintf");
 		if ((docs = yaml_json_load_file(path, err, sizeof(err))) == NULL) {
+			sup->source_errors++;
 			log_warnx("%s: %s", path, err);
 			json_array_append_new(rejected, json_pack(
 			    "{s:n,s:n,s:s,s:s++,s:s}", "namespace", "cr",

@@ -68,6 +68,7 @@ supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 	sup->stopping = 1;
 	crdir_stop();
 	control_stop();
+	http_stop();
 	TAILQ_FOREACH_SAFE(sv, &sup->services, sv_entry, next)
 		service_stop(sv);
 	stop_timer = evtimer_new(sup->base, supervisor_stop_timeout_cb, NULL);
@@ -191,6 +192,8 @@ main(int argc, char *argv[])
 	control_start();
 	supervisor_drop_privileges();
 	crdir_start();
+	if (http_start() == -1)
+		fatalx("cannot start the HTTP endpoint");
 	log_info("standalone mode: CRs in %s, destinations in %s, control %s",
 	    sup->st.crs_dir, sup->st.destinations, sup->st.control);
 	reconcile_all();

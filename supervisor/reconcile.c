@@ -175,6 +175,7 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		continue;
 tenant_failed:
 		nfailed++;
+		sup->destination_errors++;
 		json_array_append_new(failed, json_string(tenant ? tenant :
 		    TPMAIL_PROVIDER_TENANT));
 		snprintf(all + strlen(all), sizeof(all) - strlen(all), "%s%s",
@@ -235,6 +236,7 @@ reconcile_all(void)
 		return;
 	dests = destinations_load(sup->st.destinations, err, sizeof(err));
 	if (dests == NULL) {
+		sup->destination_errors++;
 		log_warnx("destinations file %s: %s%s", sup->st.destinations, err,
 		    sup->destinations ? "; keeping the last good one" : "");
 		if (sup->destinations == NULL)
@@ -258,6 +260,8 @@ reconcile_all(void)
 	reconcile_log_rejected(sup->rejected, rejected);
 	json_decref(sup->rejected);
 	sup->rejected = rejected;
+	sup->reconciles++;
+	sup->synced = 1;
 	log_debug("reconciled: %zu CRs, %zu rejected", n,
 	    json_array_size(rejected));
 }

@@ -20,7 +20,8 @@ enum {
 	OPT_CRS = 256, OPT_DESTINATIONS, OPT_STATE_DIR, OPT_CONTROL, OPT_CONFIG,
 	OPT_LISTEN, OPT_PORTS, OPT_PROXY, OPT_LOG_LEVEL, OPT_IDLE, OPT_CONNECT,
 	OPT_AUTH, OPT_MAX_SESSIONS, OPT_MAX_LINE, OPT_MAX_BUFFER, OPT_GRACE,
-	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HELP,
+	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HTTP,
+	OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -44,6 +45,7 @@ static const struct option long_opts[] = {
 	{ "uid-base", required_argument, NULL, OPT_UID_BASE },
 	{ "sandbox", required_argument, NULL, OPT_SANDBOX },
 	{ "system-ca", required_argument, NULL, OPT_SYSTEM_CA },
+	{ "http", required_argument, NULL, OPT_HTTP },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -95,6 +97,7 @@ usage(FILE *f)
 "                         (default 200000)\n"
 "  --sandbox MODE         best-effort (default: apply what the privileges allow,\n"
 "                         report the rest) or strict (refuse to serve otherwise)\n"
+"  --http ADDR:PORT       serve /healthz, /readyz and /metrics (e.g. 127.0.0.1:9494)\n"
 "  --system-ca FILE       CA bundle for destinations without their own CA file\n"
 "                         (default /etc/ssl/certs/ca-certificates.crt)\n");
 }
@@ -172,6 +175,12 @@ settings_apply(struct settings *st, int opt, const char *val)
 			st->sandbox_strict = 0;
 		else
 			return -1;
+		return 0;
+	case OPT_HTTP:
+		if (strchr(val, ':') == NULL)
+			return -1;
+		free(st->http);
+		st->http = strdup(val);
 		return 0;
 	case OPT_SYSTEM_CA:
 		free(st->system_ca);

@@ -50,6 +50,7 @@ struct settings {
 	int	 sandbox_strict;
 	char	*system_ca;		/* the system CA bundle, for system trust */
 	char	*empty_dir;		/* the tenant proxies' chroot */
+	char	*http;			/* ADDR:PORT of /healthz /readyz /metrics */
 };
 
 /* One validated Destination CR. */
@@ -102,6 +103,8 @@ struct service {
 	long			 sv_failed;
 	char			*sv_error;
 	json_t			*sv_errors;	/* recent errors, oldest first */
+	json_t			*sv_counters;	/* the current proxy's counters */
+	json_t			*sv_base;	/* counters of its predecessors */
 };
 #define SERVICE_ERRORS_KEPT	10
 TAILQ_HEAD(service_list, service);
@@ -117,6 +120,7 @@ struct retired {
 	int			 rt_chan;
 	struct event		*rt_chan_ev;
 	struct bufferevent	*rt_log;
+	json_t			*rt_counters;	/* its latest, until reaped */
 };
 TAILQ_HEAD(retired_list, retired);
 
@@ -129,6 +133,10 @@ struct supervisor {
 	json_t			*destinations;	/* last good destinations file */
 	json_t			*ports;		/* "ns/name" -> port, persisted */
 	int			 stopping;
+	int			 synced;	/* the first reconcile is done */
+	unsigned long		 reconciles;
+	unsigned long		 source_errors;
+	unsigned long		 destination_errors;
 };
 
 extern struct supervisor	*sup;
@@ -171,6 +179,12 @@ void	 services_set_log_level(int);
 void	 ports_load(void);
 int	 ports_bind(struct service *);
 void	 ports_release(const char *key);
+
+/* http.c */
+int	 http_start(void);
+void	 http_stop(void);
+void	 stats_add(json_t *acc, json_t *x);
+json_t	*service_counters(struct service *);
 
 /* control.c */
 void	 control_start(void);
