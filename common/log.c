@@ -11,11 +11,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "log.h"
 
 static const char	*log_procname = "tpmail";
 static char		 log_context[256];
 static int		 log_level = LOG_LEVEL_INFO;
+static int		 log_json;
 
 static const char *const log_names[] = { "error", "warn", "info", "debug" };
 
@@ -25,6 +28,18 @@ log_init(const char *procname, int level)
 	log_procname = procname;
 	log_level = level;
 	setvbuf(stderr, NULL, _IOLBF, 0);
+}
+
+void
+log_set_json(int on)
+{
+	log_json = on;
+}
+
+int
+log_get_json(void)
+{
+	return log_json;
 }
 
 void
@@ -64,6 +79,78 @@ log_level_parse(const char *s)
 	return -1;
 }
 
+/*
+ * key=value (or key="value") pairs of a message become fields of its JSON
+ * line, so that "session=7 result=ok" can be filtered on.
+ */
+static void
+log_fields(json_t *o, const char *s)
+{
+	char		 key[32], val[512];
+	const char	*p = s, *k, *v;
+	size_t		 kl, vl;
+
+	while (*p != '\0') {
+		while (*p == ' ')
+			p++;
+		for (k = p; (*p >= 'a' && *p <= 'z') || *p == '_'; p++)
+			;
+		kl = p - k;
+		if (kl == 0 || kl >= sizeof(key) || *p != '=') {
+			while (*p != '\0' && *p != ' ')
+				p++;
+			continue;
+		}
+		p++;
+		if (*p == '"') {
+			v = ++p;
+			while (*p != '\0' && *p != '"')
+				p++;
+			vl = p - v;
+			if (*p == '"')
+				p++;
+		} else {
+			v = p;
+			while (*p != '\0' && *p != ' ')
+				p++;
+			vl = p - v;
+		}
+		if (vl >= sizeof(val))
+			vl = sizeof(val) - 1;
+		memcpy(key, k, kl);
+		key[kl] = '\0';
+		memcpy(val, v, vl);
+		val[vl] = '\0';
+		/* the fixed fields win over a message's own */
+		if (json_object_get(o, key) == NULL)
+			json_object_set_new(o, key, json_string(val));
+	}
+}
+
+static void
+log_write_json(int level, const char *ts, long ms, const char *msg,
+    const char *errstr)
+{
+	json_t	*o;
+	char	 t[48], full[2600], *line;
+
+	snprintf(t, sizeof(t), "%s.%03ldZ", ts, ms);
+	snprintf(full, sizeof(full), "%s%s%s", msg, errstr ? ": " : "",
+	    errstr ? errstr : "");
+	o = json_pack("{s:s,s:s,s:s,s:i,s:s}", "time", t, "level",
+	    log_names[level], "program", log_procname, "pid", (int)getpid(),
+	    "msg", full);
+	if (o == NULL)
+		return;
+	log_fields(o, log_context);
+	log_fields(o, msg);
+	if ((line = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII)) != NULL) {
+		fprintf(stderr, "%s\n", line);
+		free(line);
+	}
+	json_decref(o);
+}
+
 static void
 log_vwrite(int level, const char *errstr, const char *fmt, va_list ap)
 {
@@ -77,6 +164,10 @@ log_vwrite(int level, const char *errstr, const char *fmt, va_list ap)
 	clock_gettime(CLOCK_REALTIME, &now);
 	gmtime_r(&now.tv_sec, &tm);
 	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+	if (log_json) {
+		log_write_json(level, ts, now.tv_nsec / 1000000, msg, errstr);
+		return;
+	}
 	fprintf(stderr, "%s.%03ldZ %s %s[%d]%s%s: %s%s%s\n", ts,
 	    now.tv_nsec / 1000000, log_names[level], log_procname, (int)getpid(),
 	    log_context[0] ? " " : "", log_context, msg,

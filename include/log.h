@@ -13,6 +13,9 @@ enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBU
 
 void	log_init(const char *procname, int level);
 void	log_set_context(const char *ctx);
+/* One JSON object per line (time, level, program, pid, msg, key=value fields). */
+void	log_set_json(int);
+int	log_get_json(void);
 void	log_set_level(int);
 int	log_get_level(void);
 int	log_level_parse(const char *);

@@ -121,6 +121,7 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	auth = json_object_get(body, "auth");
 	lim = json_object_get(body, "limits");
 	c->service = get_str(body, "service");
+	c->tenant = get_str(body, "tenant");
 	c->host = get_str(up, "host");
 	c->ca_source = get_str(up, "ca");
 	c->user = get_str(auth, "user");
@@ -177,6 +178,7 @@ config_unref(struct proxy_config *c)
 	if (c == NULL || --c->refs > 0)
 		return;
 	free(c->service);
+	free(c->tenant);
 	free(c->host);
 	free(c->ca_source);
 	free(c->user);

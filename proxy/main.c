@@ -380,9 +380,11 @@ main(int argc, char *argv[])
 
 	sandbox_early();
 	log_init("tpmail-pop3", LOG_LEVEL_INFO);
-	if (argc != 2)
-		fatalx("usage: tpmail-pop3 <namespace>/<service> (started by "
-		    "tpmaild, with its channel on fd %d)", PROTO_CHANNEL_FD);
+	if (argc < 2 || argc > 3)
+		fatalx("usage: tpmail-pop3 <namespace>/<service> [json|text] "
+		    "(started by tpmaild, with its channel on fd %d)",
+		    PROTO_CHANNEL_FD);
+	log_set_json(argc == 3 && strcmp(argv[2], "json") == 0);
 	snprintf(ctx, sizeof(ctx), "service=%s", argv[1]);
 	log_set_context(ctx);
 	secret_install();
@@ -396,6 +398,11 @@ main(int argc, char *argv[])
 		    PROTO_CHANNEL_FD);
 	proxy_send(MSG_HELLO, json_pack("{s:i}", "pid", (int)getpid()));
 	lfd = proxy_receive_config(&sb);
+	if (proxy->cfg->tenant != NULL) {
+		snprintf(ctx, sizeof(ctx), "service=%s tenant=%s", argv[1],
+		    proxy->cfg->tenant);
+		log_set_context(ctx);
+	}
 	proxy_check_listener(lfd);
 
 	/* nothing but stdio, the channel and the listener survives */

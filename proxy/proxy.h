@@ -33,6 +33,7 @@ enum upstream_auth {
 struct proxy_config {
 	int			 refs;		/* sessions keep the config they began with */
 	char			*service;	/* namespace/name */
+	char			*tenant;	/* NULL: dedicated */
 	char			*host;		/* for SNI and the certificate check */
 	int			 port;
 	struct sockaddr_storage	 addrs[4];	/* resolved by the supervisor */

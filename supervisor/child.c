@@ -293,7 +293,8 @@ service_log_event_cb(struct bufferevent *bev, short what, void *arg)
 static void __attribute__((noreturn))
 child_exec(struct service *sv, int chan, int logfd)
 {
-	char		*argv[] = { "tpmail-pop3", sv->sv_key, NULL };
+	char		*argv[] = { "tpmail-pop3", sv->sv_key,
+			    log_get_json() ? "json" : "text", NULL };
 	char		*envp[4];
 	const char	*keep[] = { "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" };
 	char		*v;

@@ -163,6 +163,7 @@ main(int argc, char *argv[])
 	if (settings_load(&sup->st, argc, argv) == -1)
 		return 2;
 	log_set_level(sup->st.log_level);
+	log_set_json(sup->st.log_json);
 	signal(SIGPIPE, SIG_IGN);
 	/* a parent may have left these blocked; we depend on them */
 	sigemptyset(&mask);

@@ -68,7 +68,8 @@ reconcile_resolve(const char *host, char *msg, size_t msgsz)
 
 /* What the tenant proxy receives: the resolved destination plus limits. */
 static json_t *
-reconcile_config(const char *key, json_t *resolved, char *msg, size_t msgsz)
+reconcile_config(const char *key, const char *tenant, json_t *resolved,
+    char *msg, size_t msgsz)
 {
 	json_t		*c, *up, *addrs;
 	const char	*ca;
@@ -84,8 +85,8 @@ reconcile_config(const char *key, json_t *resolved, char *msg, size_t msgsz)
 	ca = json_string_value(json_object_get(up, "cafile"));
 	json_object_set_new(up, "ca", json_string(ca ? ca : "system"));
 	json_object_del(up, "cafile");
-	c = json_pack("{s:s,s:o,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i}}",
-	    "service", key,
+	c = json_pack("{s:s,s:s?,s:o,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i}}",
+	    "service", key, "tenant", tenant,
 	    "upstream", up,
 	    "auth", json_object_get(resolved, "auth"),
 	    "limits",
@@ -136,7 +137,7 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		    &sup->st, &reason, msg, sizeof(msg));
 		if (resolved == NULL)
 			goto tenant_failed;
-		if ((config = reconcile_config(key, resolved, msg,
+		if ((config = reconcile_config(key, tenant, resolved, msg,
 		    sizeof(msg))) == NULL) {
 			json_decref(resolved);
 			reason = R_CONFIG_FAILED;

@@ -21,7 +21,7 @@ enum {
 	OPT_LISTEN, OPT_PORTS, OPT_PROXY, OPT_LOG_LEVEL, OPT_IDLE, OPT_CONNECT,
 	OPT_AUTH, OPT_MAX_SESSIONS, OPT_MAX_LINE, OPT_MAX_BUFFER, OPT_GRACE,
 	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HTTP,
-	OPT_HELP,
+	OPT_LOG_FORMAT, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -46,6 +46,7 @@ static const struct option long_opts[] = {
 	{ "sandbox", required_argument, NULL, OPT_SANDBOX },
 	{ "system-ca", required_argument, NULL, OPT_SYSTEM_CA },
 	{ "http", required_argument, NULL, OPT_HTTP },
+	{ "log-format", required_argument, NULL, OPT_LOG_FORMAT },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -85,6 +86,8 @@ usage(FILE *f)
 "  --port-range LO-HI     ports for tenant endpoints (default 20000-20999)\n"
 "  --proxy-path PATH      tpmail-pop3 binary (default: next to tpmaild)\n"
 "  --log-level LEVEL      error, warn, info (default), debug\n"
+"  --log-format FORMAT    json (one object per line), text, or auto (default:\n"
+"                         text on a terminal, json otherwise)\n"
 "  --idle-timeout SEC     client silence before autologout (default 600)\n"
 "  --connect-timeout SEC  upstream TCP/TLS connect (default 10)\n"
 "  --auth-timeout SEC     whole upstream login (default 30)\n"
@@ -173,6 +176,16 @@ settings_apply(struct settings *st, int opt, const char *val)
 			st->sandbox_strict = 1;
 		else if (strcmp(val, "best-effort") == 0)
 			st->sandbox_strict = 0;
+		else
+			return -1;
+		return 0;
+	case OPT_LOG_FORMAT:
+		if (strcmp(val, "json") == 0)
+			st->log_json = 1;
+		else if (strcmp(val, "text") == 0)
+			st->log_json = 0;
+		else if (strcmp(val, "auto") == 0)
+			st->log_json = !isatty(STDERR_FILENO);
 		else
 			return -1;
 		return 0;
@@ -285,6 +298,7 @@ settings_load(struct settings *st, int argc, char **argv)
 	st->backoff_max = 60;
 	st->allow_loopback = 1;		/* standalone mode */
 	st->uid_base = 200000;
+	st->log_json = !isatty(STDERR_FILENO);
 	st->system_ca = strdup("/etc/ssl/certs/ca-certificates.crt");
 
 	/* the config file first, so that flags override it */

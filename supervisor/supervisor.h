@@ -37,6 +37,7 @@ struct settings {
 	int	 port_max;
 	char	*proxy_path;
 	int	 log_level;
+	int	 log_json;
 	int	 connect_timeout;
 	int	 auth_timeout;
 	int	 idle_timeout;
