@@ -46,6 +46,53 @@ supervisor_stop_timeout_cb(evutil_socket_t fd, short ev, void *arg)
 		kill(rt->rt_pid, SIGKILL);
 }
 
+/*
+ * SIGHUP: the settings again, from the config file and the same flags.
+ * Limits, log settings, the sandbox mode and the trust store apply at once
+ * (running proxies get the new limits for new sessions); what would move
+ * an endpoint or a directory needs a restart and is reported.
+ */
+static void
+supervisor_reload(void)
+{
+	struct settings	 ns, *st = &sup->st;
+
+	optind = 0;
+	if (settings_load(&ns, sup->argc, sup->argv) == -1) {
+		log_warnx("SIGHUP: the configuration does not load; keeping the "
+		    "current one");
+		return;
+	}
+	if (strcmp(ns.crs_dir, st->crs_dir) || strcmp(ns.destinations,
+	    st->destinations) || strcmp(ns.state_dir, st->state_dir) ||
+	    strcmp(ns.control, st->control) || strcmp(ns.listen_address,
+	    st->listen_address) || ns.port_min != st->port_min ||
+	    ns.port_max != st->port_max || ns.uid_base != st->uid_base ||
+	    strcmp(ns.proxy_path, st->proxy_path) ||
+	    (ns.http == NULL) != (st->http == NULL) ||
+	    (ns.http && strcmp(ns.http, st->http)))
+		log_warnx("SIGHUP: directories, endpoints, ports, uid base, "
+		    "proxy path and HTTP address change only with a restart");
+	st->log_level = ns.log_level;
+	st->log_json = ns.log_json;
+	st->connect_timeout = ns.connect_timeout;
+	st->auth_timeout = ns.auth_timeout;
+	st->idle_timeout = ns.idle_timeout;
+	st->max_sessions = ns.max_sessions;
+	st->max_line = ns.max_line;
+	st->max_buffer = ns.max_buffer;
+	st->drain_grace = ns.drain_grace;
+	st->backoff_max = ns.backoff_max;
+	st->sandbox_strict = ns.sandbox_strict;
+	free(st->system_ca);
+	st->system_ca = ns.system_ca;
+	ns.system_ca = NULL;
+	settings_free(&ns);
+	log_set_level(st->log_level);
+	log_set_json(st->log_json);
+	services_set_log_level(st->log_level);
+}
+
 static void
 supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 {
@@ -57,7 +104,8 @@ supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 		return;
 	}
 	if (sig == SIGHUP) {
-		log_info("SIGHUP: re-reading CRs and destinations");
+		log_info("SIGHUP: re-reading the configuration, CRs and destinations");
+		supervisor_reload();
 		reconcile_all();
 		return;
 	}
@@ -162,6 +210,8 @@ main(int argc, char *argv[])
 		fatal("calloc");
 	if (settings_load(&sup->st, argc, argv) == -1)
 		return 2;
+	sup->argc = argc;
+	sup->argv = argv;
 	log_set_level(sup->st.log_level);
 	log_set_json(sup->st.log_json);
 	signal(SIGPIPE, SIG_IGN);

@@ -345,3 +345,19 @@ settings_load(struct settings *st, int argc, char **argv)
 	}
 	return 0;
 }
+
+void
+settings_free(struct settings *st)
+{
+	free(st->crs_dir);
+	free(st->destinations);
+	free(st->state_dir);
+	free(st->control);
+	free(st->config_file);
+	free(st->listen_address);
+	free(st->proxy_path);
+	free(st->system_ca);
+	free(st->empty_dir);
+	free(st->http);
+	memset(st, 0, sizeof(*st));
+}

@@ -134,6 +134,8 @@ struct supervisor {
 	json_t			*destinations;	/* last good destinations file */
 	json_t			*ports;		/* "ns/name" -> port, persisted */
 	int			 stopping;
+	int			 argc;		/* for a reload on SIGHUP */
+	char			**argv;
 	int			 synced;	/* the first reconcile is done */
 	unsigned long		 reconciles;
 	unsigned long		 source_errors;
@@ -144,6 +146,7 @@ extern struct supervisor	*sup;
 
 /* settings.c */
 int	 settings_load(struct settings *, int, char **);
+void	 settings_free(struct settings *);
 
 /* cr.c */
 struct cr	*cr_parse(json_t *doc, const char *source, json_t *reject);
