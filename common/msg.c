@@ -23,6 +23,8 @@ msg_type_name(int type)
 	case MSG_STATS_REQ: return "STATS_REQ";
 	case MSG_CA: return "CA";
 	case MSG_LOG_LEVEL: return "LOG_LEVEL";
+	case MSG_EXCHANGED: return "EXCHANGED";
+	case MSG_EXCHANGE: return "EXCHANGE";
 	case MSG_TEST_SYSCALL: return "TEST_SYSCALL";
 	case MSG_HELLO: return "HELLO";
 	case MSG_READY: return "READY";

@@ -35,12 +35,15 @@ enum msg_type {
 	MSG_CA = 104,		/* body: {"source"}; fd: PEM trust store to read,
 				   for the CONFIG/UPDATE that follows */
 	MSG_LOG_LEVEL = 105,	/* body: {"log_level": "debug"|...} */
+	MSG_EXCHANGED = 106,	/* body: {"session", "token" | "error"} */
 	MSG_TEST_SYSCALL = 190,	/* test builds only: {"syscall": name} */
 
 	MSG_HELLO = 200,	/* body: {"pid": n} */
 	MSG_READY = 201,	/* body: {"sandbox": report} serving */
 	MSG_STATS = 202,	/* body: {"active","total","failed"} counters */
 	MSG_EVENT = 203,	/* body: {"error": "..."} a session-level failure */
+	MSG_EXCHANGE = 204,	/* body: {"session", "kind": "refresh"|"code",
+				   "user", "value"}: a client's token to swap */
 };
 
 struct msg_hdr {

@@ -55,6 +55,8 @@ static const struct {
 	{ "apop", UPSTREAM_AUTH_APOP },
 	{ "plain", UPSTREAM_AUTH_PLAIN },
 	{ "login", UPSTREAM_AUTH_LOGIN },
+	{ "oauth2", UPSTREAM_AUTH_OAUTH2 },
+	{ "exchange", UPSTREAM_AUTH_EXCHANGE },
 };
 
 static int
@@ -75,7 +77,7 @@ lookup_name(const char *s, int which, int *out)
 /* Build a configuration from a CONFIG body; NULL with *err on bad shape. */
 /* The supervisor resolved the host: numeric addresses only, no DNS here. */
 static int
-config_addresses(struct proxy_config *c, json_t *arr)
+config_addresses(struct proxy_config *c, json_t *arr, int port)
 {
 	struct sockaddr_in	*sin;
 	struct sockaddr_in6	*sin6;
@@ -93,11 +95,11 @@ config_addresses(struct proxy_config *c, json_t *arr)
 		sin6 = (struct sockaddr_in6 *)&c->addrs[c->naddrs];
 		if (inet_pton(AF_INET, a, &sin->sin_addr) == 1) {
 			sin->sin_family = AF_INET;
-			sin->sin_port = htons(c->port);
+			sin->sin_port = htons(port);
 			c->addrlens[c->naddrs++] = sizeof(*sin);
 		} else if (inet_pton(AF_INET6, a, &sin6->sin6_addr) == 1) {
 			sin6->sin6_family = AF_INET6;
-			sin6->sin6_port = htons(c->port);
+			sin6->sin6_port = htons(port);
 			c->addrlens[c->naddrs++] = sizeof(*sin6);
 		} else
 			return -1;
@@ -109,7 +111,7 @@ struct proxy_config *
 config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 {
 	struct proxy_config	*c;
-	json_t			*up, *auth, *lim;
+	json_t			*up, *auth, *lim, *socks;
 	int			 v;
 
 	if ((c = calloc(1, sizeof(*c))) == NULL) {
@@ -127,13 +129,27 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	c->user = get_str(auth, "user");
 	c->password = secret_vault_strdup(json_string_value(json_object_get(auth,
 	    "password")));
+	c->token = secret_vault_strdup(json_string_value(json_object_get(auth,
+	    "token")));
+	c->exchange = get_str(auth, "exchange");
+	socks = json_object_get(up, "socks");
+	if (socks != NULL) {
+		c->socks = 1;
+		c->socks_jwt = secret_vault_strdup(json_string_value(
+		    json_object_get(socks, "jwt")));
+		c->socks_location = get_str(socks, "location");
+	}
 	*err = NULL;
 	if (c->service == NULL || c->host == NULL)
 		*err = "service or upstream.host missing";
 	else if (get_int(up, "port", 0, 1, 65535, &c->port) || c->port == 0)
 		*err = "upstream.port invalid";
-	else if (config_addresses(c, json_object_get(up, "addresses")) == -1)
-		*err = "upstream.addresses invalid";
+	else if (config_addresses(c, c->socks ? json_object_get(socks,
+	    "addresses") : json_object_get(up, "addresses"), c->socks ?
+	    (int)json_integer_value(json_object_get(socks, "port")) : c->port) == -1)
+		*err = "upstream addresses invalid";
+	else if (c->socks && (c->socks_jwt == NULL || c->socks_location == NULL))
+		*err = "upstream.socks needs jwt and location";
 	else if (lookup_name(json_string_value(json_object_get(up, "tls")),
 	    0, &v))
 		*err = "upstream.tls invalid";
@@ -141,8 +157,18 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	    json_string_value(json_object_get(auth, "method")), 1, &v))
 		*err = "auth.method invalid";
 	else if ((c->auth = v, 0) ||
-	    (c->auth != UPSTREAM_AUTH_NONE && c->user == NULL))
+	    (c->auth != UPSTREAM_AUTH_NONE && c->auth != UPSTREAM_AUTH_EXCHANGE &&
+	    c->user == NULL))
 		*err = "auth.user missing";
+	else if (c->auth == UPSTREAM_AUTH_OAUTH2 && c->token == NULL)
+		*err = "auth.token missing";
+	else if (c->auth == UPSTREAM_AUTH_EXCHANGE && (c->exchange == NULL ||
+	    (strcmp(c->exchange, "refresh") && strcmp(c->exchange, "code"))))
+		*err = "auth.exchange must be refresh or code";
+	else if ((c->auth == UPSTREAM_AUTH_USER || c->auth == UPSTREAM_AUTH_AUTO ||
+	    c->auth == UPSTREAM_AUTH_APOP || c->auth == UPSTREAM_AUTH_PLAIN ||
+	    c->auth == UPSTREAM_AUTH_LOGIN) && c->password == NULL)
+		*err = "auth.password missing";
 	else if ((c->verify_host = !json_is_false(json_object_get(up,
 	    "verify_host")), 0) || get_int(lim, "connect_timeout", PARAM_CONNECT_TIMEOUT, 1, 3600,
 	    &c->connect_timeout) ||
@@ -183,6 +209,10 @@ config_unref(struct proxy_config *c)
 	free(c->ca_source);
 	free(c->user);
 	secret_vault_free(c->password);
+	secret_vault_free(c->token);
+	secret_vault_free(c->socks_jwt);
+	free(c->socks_location);
+	free(c->exchange);
 	if (c->ssl_ctx != NULL)
 		SSL_CTX_free(c->ssl_ctx);
 	free(c);

@@ -60,6 +60,18 @@ proxy_session_opened(void)
 	proxy_send_stats();
 }
 
+/* Ask tpmaild to exchange a client's refresh token or code for a session. */
+void
+proxy_exchange(unsigned long session, const char *kind, const char *user,
+    const char *value)
+{
+	json_t	*body;
+
+	body = json_pack("{s:I,s:s,s:s,s:s}", "session", (json_int_t)session,
+	    "kind", kind, "user", user, "value", value);
+	proxy_send(MSG_EXCHANGE, body);
+}
+
 void
 proxy_session_refused(void)
 {
@@ -258,6 +270,11 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 		break;
 	case MSG_LOG_LEVEL:
 		proxy_apply_log_level(m.body);
+		break;
+	case MSG_EXCHANGED:
+		session_exchanged(json_integer_value(json_object_get(m.body,
+		    "session")), json_string_value(json_object_get(m.body,
+		    "token")), json_string_value(json_object_get(m.body, "error")));
 		break;
 #ifdef TPMAIL_SANDBOX_TESTING
 	case MSG_TEST_SYSCALL:

@@ -27,6 +27,9 @@ enum upstream_auth {
 	UPSTREAM_AUTH_APOP,
 	UPSTREAM_AUTH_PLAIN,
 	UPSTREAM_AUTH_LOGIN,
+	UPSTREAM_AUTH_OAUTH2,		/* XOAUTH2, or OAUTHBEARER, with a token */
+	UPSTREAM_AUTH_EXCHANGE,		/* the client's AUTH XOAUTH2 carries a
+					   refresh token or code to exchange */
 };
 
 /* One service's configuration, as received in MSG_CONFIG / MSG_UPDATE. */
@@ -44,7 +47,12 @@ struct proxy_config {
 	int			 verify_host;
 	enum upstream_auth	 auth;
 	char			*user;
-	char			*password;	/* wiped on free */
+	char			*password;	/* in the vault */
+	char			*token;		/* OAuth2 access token, in the vault */
+	char			*exchange;	/* "refresh" or "code" */
+	int			 socks;		/* through the connectivity proxy */
+	char			*socks_jwt;	/* its token, in the vault */
+	char			*socks_location; /* base64 location id, or "" */
 	int			 connect_timeout;
 	int			 auth_timeout;
 	int			 idle_timeout;
@@ -137,12 +145,16 @@ void	session_upstream_ready(struct session *);
 void	session_upstream_failed(struct session *, const char *code,
 	    const char *reason);
 void	session_upstream_read(struct session *);
+void	session_exchanged(unsigned long id, const char *token, const char *error);
+void	proxy_exchange(unsigned long session, const char *kind, const char *user,
+	    const char *value);
 void	session_upstream_event(struct session *, short);
 unsigned long	session_id(struct session *);
 
 /* upstream.c */
 struct upstream;
-struct upstream	*upstream_start(struct session *, struct proxy_config *);
+struct upstream	*upstream_start(struct session *, struct proxy_config *,
+		    const char *token);
 struct bufferevent *upstream_bev(struct upstream *);
 const char	*upstream_capa(struct upstream *);
 int		 upstream_pipelining(struct upstream *);

@@ -24,8 +24,11 @@
 #include "params.h"
 #include "proxy.h"
 #include "secret.h"
+#include <openssl/evp.h>
 
 enum session_state {
+	SESSION_AUTHWAIT,	/* waiting for the client's AUTH XOAUTH2 */
+	SESSION_EXCHANGE,	/* its token being exchanged by tpmaild */
 	SESSION_LOGIN,		/* upstream login in progress */
 	SESSION_RELAY,		/* client commands served */
 	SESSION_CLOSING,	/* flushing the last bytes to the client */
@@ -49,6 +52,7 @@ struct pending {
 TAILQ_HEAD(pending_queue, pending);
 
 struct session {
+	TAILQ_ENTRY(session)	 se_entry;
 	unsigned long		 se_id;
 	enum session_state	 se_state;
 	struct proxy_config	*se_cfg;
@@ -66,6 +70,8 @@ struct session {
 	int			 se_client_gone;	/* cannot be written to */
 	int			 se_failed;
 	int			 se_login_failed;
+	int			 se_exchanged;	/* logged in with an exchanged token */
+	char			*se_token;	/* that token, wiped on free */
 	char			*se_reason;	/* owned: callers' strings are transient */
 	char			*se_capa;
 	struct timeval		 se_start;
@@ -74,7 +80,10 @@ struct session {
 	unsigned long		 se_bytes_down;	/* client -> upstream */
 };
 
+static TAILQ_HEAD(, session)	sessions = TAILQ_HEAD_INITIALIZER(sessions);
+
 static void	session_pump(struct session *);
+static void	session_authwait_read(struct session *);
 static void	session_client_read(struct session *);
 static void	session_close(struct session *, int, const char *);
 static void	session_close_flush(struct session *, int, const char *);
@@ -88,7 +97,8 @@ session_id(struct session *s)
 static void
 session_enter_state(struct session *s, enum session_state st)
 {
-	static const char *const names[] = { "login", "relay", "closing", "dead" };
+	static const char *const names[] = { "authwait", "exchange", "login",
+	    "relay", "closing", "dead" };
 
 	log_debug("session=%lu state %s -> %s", s->se_id, names[s->se_state],
 	    names[st]);
@@ -438,7 +448,12 @@ session_upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 static void
 session_client_read_cb(struct bufferevent *bev, void *arg)
 {
-	session_client_read(arg);
+	struct session	*s = arg;
+
+	if (s->se_state == SESSION_AUTHWAIT)
+		session_authwait_read(s);
+	else
+		session_client_read(s);
 }
 
 /* Client output drained below the low watermark. */
@@ -498,6 +513,159 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 	    "client connection error");
 }
 
+static const char	authwait_capa[] =
+    "+OK Capability list follows\r\nSASL XOAUTH2\r\nRESP-CODES\r\n"
+    "AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION tpmail\r\n.\r\n";
+
+/*
+ * The client's XOAUTH2 response: base64 of user=U^Aauth=Bearer T^A^A.  T is
+ * a refresh token or an authorization code that tpmaild exchanges for an
+ * access token; nothing of it is logged.
+ */
+static void
+session_xoauth2(struct session *s, const char *b64, size_t len)
+{
+	unsigned char	*raw;
+	char		*user, *auth, *tok, *end;
+	int		 n;
+
+	if (len == 0 || len > (size_t)s->se_cfg->max_line ||
+	    (raw = malloc(len + 1)) == NULL) {
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [AUTH] Malformed XOAUTH2 response\r\n");
+		return;
+	}
+	n = EVP_DecodeBlock(raw, (const unsigned char *)b64, len);
+	if (n < 0) {
+		secret_free(raw);
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [AUTH] Malformed XOAUTH2 response\r\n");
+		return;
+	}
+	raw[n] = '\0';		/* padding decodes to trailing NULs: harmless */
+	user = (char *)raw;
+	auth = strchr(user, '\001');
+	if (strncmp(user, "user=", 5) != 0 || auth == NULL ||
+	    strncmp(auth + 1, "auth=Bearer ", 12) != 0 ||
+	    (end = strchr(auth + 13, '\001')) == NULL || end == auth + 13) {
+		secret_free(raw);
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [AUTH] Malformed XOAUTH2 response\r\n");
+		return;
+	}
+	*auth = '\0';
+	*end = '\0';
+	tok = auth + 13;
+	session_enter_state(s, SESSION_EXCHANGE);
+	bufferevent_disable(s->se_client, EV_READ);
+	proxy_exchange(s->se_id, s->se_cfg->exchange, user + 5, tok);
+	secret_free(raw);
+}
+
+/* Before the client authenticated: only what leads to AUTH XOAUTH2. */
+static void
+session_authwait_read(struct session *s)
+{
+	struct evbuffer		*in = bufferevent_get_input(s->se_client);
+	struct evbuffer		*out = bufferevent_get_output(s->se_client);
+	struct evbuffer_ptr	 eol;
+	struct pop3_cmd		 cmd;
+	const char		*err, *sp;
+	size_t			 eol_len, len;
+	char			*line;
+
+	while (s->se_state == SESSION_AUTHWAIT) {
+		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
+		if (eol.pos == -1) {
+			if (evbuffer_get_length(in) >= (size_t)s->se_cfg->max_line) {
+				evbuffer_add_printf(out, "-ERR Line too long\r\n");
+				session_close_flush(s, 1, "client line too long");
+			}
+			return;
+		}
+		len = eol.pos;
+		if (len + eol_len > (size_t)s->se_cfg->max_line ||
+		    (line = malloc(len + 1)) == NULL) {
+			evbuffer_drain(in, len + eol_len);
+			evbuffer_add_printf(out, "-ERR Line too long\r\n");
+			continue;
+		}
+		evbuffer_remove(in, line, len);
+		line[len] = '\0';
+		evbuffer_drain(in, eol_len);
+		s->se_commands++;
+		if (s->se_sasl_steps > 0) {
+			s->se_sasl_steps = 0;
+			if (len == 1 && line[0] == '*')
+				evbuffer_add_printf(out,
+				    "-ERR Authentication cancelled\r\n");
+			else
+				session_xoauth2(s, line, len);
+		} else if (pop3_parse_command(line, len, &cmd, &err) == -1)
+			evbuffer_add_printf(out, "-ERR %s\r\n", err);
+		else if (cmd.id == POP3_CAPA)
+			evbuffer_add(out, authwait_capa, sizeof(authwait_capa) - 1);
+		else if (cmd.id == POP3_QUIT) {
+			evbuffer_add_printf(out, "+OK Bye\r\n");
+			secret_free(line);
+			session_close_flush(s, 0, "quit");
+			return;
+		} else if (cmd.id == POP3_NOOP)
+			evbuffer_add_printf(out, "+OK\r\n");
+		else if (cmd.id == POP3_AUTH && cmd.nargs >= 1 &&
+		    strncasecmp(cmd.args, "XOAUTH2", 7) == 0 &&
+		    (cmd.argslen == 7 || cmd.args[7] == ' ')) {
+			if (cmd.nargs == 1) {
+				evbuffer_add_printf(out, "+ \r\n");
+				s->se_sasl_steps = 1;
+			} else {
+				sp = cmd.args + 8;
+				session_xoauth2(s, sp, cmd.args + cmd.argslen - sp);
+			}
+		} else
+			evbuffer_add_printf(out, "-ERR [AUTH] Authenticate with "
+			    "AUTH XOAUTH2 and your %s first\r\n",
+			    strcmp(s->se_cfg->exchange, "code") == 0 ?
+			    "authorization code" : "refresh token");
+		secret_free(line);
+	}
+}
+
+/* tpmaild answered an exchange: log in upstream with the token, or refuse. */
+void
+session_exchanged(unsigned long id, const char *token, const char *error)
+{
+	struct session	*s;
+
+	TAILQ_FOREACH(s, &sessions, se_entry)
+		if (s->se_id == id)
+			break;
+	if (s == NULL || s->se_state != SESSION_EXCHANGE)
+		return;		/* gone meanwhile */
+	if (token == NULL) {
+		log_warnx("session=%lu result=auth-refused reason=\"%s\"", id,
+		    error ? error : "exchange refused");
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [AUTH] %s\r\n", error ? error :
+		    "The token exchange was refused");
+		session_enter_state(s, SESSION_AUTHWAIT);
+		bufferevent_enable(s->se_client, EV_READ);
+		session_authwait_read(s);
+		return;
+	}
+	if ((s->se_token = strdup(token)) == NULL) {
+		session_close(s, 1, "out of memory");
+		return;
+	}
+	s->se_exchanged = 1;
+	session_enter_state(s, SESSION_LOGIN);
+	if ((s->se_up = upstream_start(s, s->se_cfg, s->se_token)) == NULL) {
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "-ERR [SYS/TEMP] Cannot connect to the mail server\r\n");
+		session_close_flush(s, 1, "cannot start the upstream connection");
+	}
+}
+
 /* The upstream login succeeded: greet the client and start relaying. */
 void
 session_upstream_ready(struct session *s)
@@ -519,7 +687,9 @@ session_upstream_ready(struct session *s)
 		return;
 	}
 	session_enter_state(s, SESSION_RELAY);
-	evbuffer_add_printf(bufferevent_get_output(s->se_client),
+	/* the greeting, or for an exchanged token the answer to its AUTH */
+	evbuffer_add_printf(bufferevent_get_output(s->se_client), "%s",
+	    s->se_exchanged ? "+OK Logged in.\r\n" :
 	    "+OK tpmail POP3 proxy ready\r\n");
 	bufferevent_setwatermark(s->se_client, EV_READ, 0, 0);
 	bufferevent_set_timeouts(s->se_client, &(struct timeval){
@@ -581,6 +751,7 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	config_unref(s->se_cfg);
 	free(s->se_capa);
 	free(s->se_reason);
+	secret_free(s->se_token);
 	free(s);
 }
 
@@ -615,6 +786,7 @@ session_close(struct session *s, int failed, const char *reason)
 	    (long)(d.tv_sec * 1000 + d.tv_usec / 1000), s->se_commands,
 	    s->se_bytes_up, s->se_bytes_down);
 	session_enter_state(s, SESSION_DEAD);
+	TAILQ_REMOVE(&sessions, s, se_entry);
 	bufferevent_disable(s->se_client, EV_READ | EV_WRITE);
 	if (s->se_ubev != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
@@ -640,6 +812,7 @@ session_new(int fd, struct proxy_config *cfg)
 	s->se_cfg = cfg;
 	config_ref(cfg);
 	TAILQ_INIT(&s->se_queue);
+	TAILQ_INSERT_TAIL(&sessions, s, se_entry);
 	gettimeofday(&s->se_start, NULL);
 	s->se_client = bufferevent_socket_new(proxy->base, fd,
 	    BEV_OPT_CLOSE_ON_FREE);
@@ -659,7 +832,17 @@ session_new(int fd, struct proxy_config *cfg)
 	/* reading during the login notices a client that leaves early */
 	bufferevent_enable(s->se_client, EV_READ | EV_WRITE);
 	log_debug("session=%lu accepted", s->se_id);
-	if ((s->se_up = upstream_start(s, cfg)) == NULL) {
+	if (cfg->auth == UPSTREAM_AUTH_EXCHANGE) {
+		/* the client brings the credential: greet, then wait for it */
+		s->se_state = SESSION_AUTHWAIT;
+		evbuffer_add_printf(bufferevent_get_output(s->se_client),
+		    "+OK tpmail POP3 proxy ready (AUTH XOAUTH2)\r\n");
+		bufferevent_set_timeouts(s->se_client, &(struct timeval){
+		    cfg->idle_timeout, 0 }, &(struct timeval){ cfg->idle_timeout,
+		    0 });
+		return;
+	}
+	if ((s->se_up = upstream_start(s, cfg, NULL)) == NULL) {
 		evbuffer_add_printf(bufferevent_get_output(s->se_client),
 		    "-ERR [SYS/TEMP] Cannot connect to the mail server\r\n");
 		session_close_flush(s, 1, "cannot start the upstream connection");

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+#include <arpa/inet.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
@@ -25,6 +26,9 @@
 
 enum upstream_state {
 	UP_CONNECT,
+	UP_SOCKS_METHOD,	/* connectivity proxy: method selection */
+	UP_SOCKS_AUTH,		/* SAP method 0x80: token and location */
+	UP_SOCKS_CONNECT,	/* CONNECT to the virtual host */
 	UP_TLS_CONNECT,		/* implicit TLS handshake */
 	UP_GREETING,
 	UP_CAPA,
@@ -39,6 +43,9 @@ enum upstream_state {
 	UP_AUTH_LOGIN,
 	UP_AUTH_LOGIN_USER,
 	UP_AUTH_LOGIN_PASS,
+	UP_AUTH_OAUTH2,		/* AUTH XOAUTH2 / OAUTHBEARER sent, await "+" */
+	UP_AUTH_OAUTH2_TOKEN,	/* token sent */
+	UP_AUTH_OAUTH2_ERROR,	/* server's error challenge answered */
 	UP_READY,
 	UP_FAILED,
 };
@@ -59,6 +66,10 @@ struct upstream {
 	int			 up_stls;
 	int			 up_sasl_plain;
 	int			 up_sasl_login;
+	int			 up_sasl_xoauth2;
+	int			 up_sasl_oauthbearer;
+	int			 up_bearer;	/* OAUTHBEARER rather than XOAUTH2 */
+	const char		*up_token;	/* the access token for this login */
 	int			 up_addr;	/* index of the address being tried */
 };
 
@@ -72,9 +83,11 @@ static const char *
 upstream_strstate(enum upstream_state st)
 {
 	static const char *const names[] = {
-		"connect", "tls-connect", "greeting", "capa", "stls",
+		"connect", "socks-method", "socks-auth", "socks-connect",
+		"tls-connect", "greeting", "capa", "stls",
 		"stls-handshake", "capa-tls", "login", "user", "pass", "apop",
 		"auth-plain", "auth-login", "auth-login-user", "auth-login-pass",
+		"auth-oauth2", "auth-oauth2-token", "auth-oauth2-error",
 		"ready", "failed",
 	};
 
@@ -92,8 +105,10 @@ upstream_failure_kind(struct upstream *u, const char *code, const char *reason)
 		return UPFAIL_TLS;
 	if (u->up_state == UP_CONNECT)
 		return UPFAIL_CONNECT;
-	if (u->up_state >= UP_USER && u->up_state <= UP_AUTH_LOGIN_PASS)
+	if (u->up_state >= UP_USER && u->up_state <= UP_AUTH_OAUTH2_ERROR)
 		return UPFAIL_AUTH;
+	if (u->up_state >= UP_SOCKS_METHOD && u->up_state <= UP_SOCKS_CONNECT)
+		return UPFAIL_CONNECT;
 	return UPFAIL_PROTOCOL;
 }
 
@@ -230,6 +245,30 @@ upstream_send_plain(struct upstream *u)
 	free(msg);
 }
 
+/* XOAUTH2: user=U^Aauth=Bearer T^A^A; OAUTHBEARER (RFC 7628): n,a=U,^A... */
+static void
+upstream_send_oauth2(struct upstream *u)
+{
+	const char	*user = u->up_cfg->user ? u->up_cfg->user : "";
+	size_t		 n = strlen(user) + strlen(u->up_token) + 40;
+	char		*msg = malloc(n);
+	int		 len;
+
+	if (msg == NULL) {
+		upstream_fail(u, "SYS/TEMP", "out of memory");
+		return;
+	}
+	if (u->up_bearer)
+		len = snprintf(msg, n, "n,a=%s,\001auth=Bearer %s\001\001", user,
+		    u->up_token);
+	else
+		len = snprintf(msg, n, "user=%s\001auth=Bearer %s\001\001", user,
+		    u->up_token);
+	upstream_send_b64(u, "", msg, len);
+	secret_wipe(msg, n);
+	free(msg);
+}
+
 /* Pick the login mechanism: the destination's choice, else what CAPA offers. */
 static enum upstream_state
 upstream_choose_login(struct upstream *u)
@@ -245,6 +284,11 @@ upstream_choose_login(struct upstream *u)
 		return UP_AUTH_PLAIN;
 	case UPSTREAM_AUTH_LOGIN:
 		return UP_AUTH_LOGIN;
+	case UPSTREAM_AUTH_OAUTH2:
+	case UPSTREAM_AUTH_EXCHANGE:
+		/* XOAUTH2 unless the server offers only OAUTHBEARER */
+		u->up_bearer = u->up_sasl_oauthbearer && !u->up_sasl_xoauth2;
+		return UP_AUTH_OAUTH2;
 	case UPSTREAM_AUTH_AUTO:
 		break;
 	}
@@ -305,6 +349,7 @@ upstream_enter_state(struct upstream *u, enum upstream_state st)
 		u->up_capa_len = 0;
 		u->up_has_capa = u->up_user = u->up_stls = 0;
 		u->up_sasl_plain = u->up_sasl_login = u->up_pipelining = 0;
+		u->up_sasl_xoauth2 = u->up_sasl_oauthbearer = 0;
 		upstream_sendf(u, "CAPA\r\n", NULL);
 		break;
 	case UP_STLS:
@@ -349,6 +394,17 @@ upstream_enter_state(struct upstream *u, enum upstream_state st)
 		upstream_send_b64(u, "", u->up_cfg->password,
 		    strlen(u->up_cfg->password));
 		break;
+	case UP_AUTH_OAUTH2:
+		/*
+		 * Two steps, empty challenge first: a token rarely fits RFC
+		 * 5034's 255-octet initial response, and Microsoft 365 insists.
+		 */
+		upstream_sendf(u, "AUTH %s\r\n", u->up_bearer ? "OAUTHBEARER" :
+		    "XOAUTH2");
+		break;
+	case UP_AUTH_OAUTH2_TOKEN:
+		upstream_send_oauth2(u);
+		break;
 	case UP_READY:
 		evtimer_del(u->up_timer);
 		bufferevent_set_timeouts(u->up_bev, NULL, NULL);
@@ -392,6 +448,10 @@ upstream_capa_line(struct upstream *u, const char *line, size_t len)
 				u->up_sasl_plain = 1;
 			if (wl == 5 && strncasecmp(w, "LOGIN", 5) == 0)
 				u->up_sasl_login = 1;
+			if (wl == 7 && strncasecmp(w, "XOAUTH2", 7) == 0)
+				u->up_sasl_xoauth2 = 1;
+			if (wl == 11 && strncasecmp(w, "OAUTHBEARER", 11) == 0)
+				u->up_sasl_oauthbearer = 1;
 			w += wl + 1;
 		}
 	}
@@ -517,6 +577,32 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 		}
 		upstream_enter_state(u, UP_READY);
 		break;
+	case UP_AUTH_OAUTH2:
+		if (st != 2) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, UP_AUTH_OAUTH2_TOKEN);
+		break;
+	case UP_AUTH_OAUTH2_TOKEN:
+		if (st == 2) {
+			/*
+			 * An error challenge (base64 JSON): answer it as the
+			 * mechanism says, then the server sends -ERR.
+			 */
+			upstream_sendf(u, "%s\r\n", u->up_bearer ? "AQ==" : "");
+			u->up_state = UP_AUTH_OAUTH2_ERROR;
+			return;
+		}
+		if (st != 1) {
+			upstream_login_rejected(u, line, len);
+			return;
+		}
+		upstream_enter_state(u, UP_READY);
+		break;
+	case UP_AUTH_OAUTH2_ERROR:
+		upstream_fail(u, "AUTH", "the mail server rejected the token");
+		break;
 	case UP_AUTH_LOGIN:
 	case UP_AUTH_LOGIN_USER:
 		if (st != 2) {
@@ -532,6 +618,147 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 	}
 }
 
+/* SAP's meanings of the SOCKS5 reply codes (reference section 4). */
+static const char *
+socks_reply_name(int rep)
+{
+	switch (rep) {
+	case 1: return "general failure (backend closed the connection)";
+	case 2: return "forbidden (no Cloud Connector mapping for the host)";
+	case 3: return "network unreachable (Cloud Connector not connected, "
+		    "or unknown location id)";
+	case 4: return "host unreachable (cannot open the backend)";
+	case 5: return "connection refused (authentication failure: token "
+		    "rejected)";
+	case 7: return "command not supported";
+	case 8: return "address type not supported";
+	}
+	return "unknown reply code";
+}
+
+/* Method 0x80 accepted: the tenant's token and the location id. */
+static void
+upstream_socks_auth(struct upstream *u)
+{
+	size_t		 jl = strlen(u->up_cfg->socks_jwt);
+	size_t		 ll = strlen(u->up_cfg->socks_location);
+	unsigned char	*m;
+	size_t		 n = 1 + 4 + jl + 1 + ll;
+
+	if (ll > 255 || jl > 0xffffff || (m = malloc(n)) == NULL) {
+		upstream_fail(u, "SYS/TEMP", "connectivity proxy token or "
+		    "location id too long");
+		return;
+	}
+	m[0] = 0x01;			/* sub-version 1 */
+	m[1] = jl >> 24;		/* big-endian length of the JWT */
+	m[2] = jl >> 16;
+	m[3] = jl >> 8;
+	m[4] = jl;
+	memcpy(m + 5, u->up_cfg->socks_jwt, jl);
+	m[5 + jl] = ll;			/* base64 location id, may be empty */
+	memcpy(m + 6 + jl, u->up_cfg->socks_location, ll);
+	upstream_send_secret(u, (char *)m, n);
+	u->up_state = UP_SOCKS_AUTH;
+}
+
+/* CONNECT to the virtual host: an IPv4 literal as ATYP 1, else a domain. */
+static void
+upstream_socks_connect(struct upstream *u)
+{
+	struct evbuffer	*out = bufferevent_get_output(u->up_bev);
+	unsigned char	 hdr[4] = { 0x05, 0x01, 0x00, 0x03 }, a4[4], len, pb[2];
+	size_t		 hl = strlen(u->up_cfg->host);
+
+	pb[0] = u->up_cfg->port >> 8;
+	pb[1] = u->up_cfg->port & 0xff;
+	if (inet_pton(AF_INET, u->up_cfg->host, a4) == 1) {
+		hdr[3] = 0x01;
+		evbuffer_add(out, hdr, 4);
+		evbuffer_add(out, a4, 4);
+	} else {
+		if (hl > 255) {
+			upstream_fail(u, "SYS/TEMP", "virtual host name too long");
+			return;
+		}
+		len = hl;
+		evbuffer_add(out, hdr, 4);
+		evbuffer_add(out, &len, 1);
+		evbuffer_add(out, u->up_cfg->host, hl);
+	}
+	evbuffer_add(out, pb, 2);
+	u->up_state = UP_SOCKS_CONNECT;
+}
+
+/* The connectivity proxy's binary replies; returns 0 when more is needed. */
+static int
+upstream_socks_read(struct upstream *u)
+{
+	struct evbuffer	*in = bufferevent_get_input(u->up_bev);
+	unsigned char	 b[8];
+	char		 reason[200];
+	size_t		 need;
+
+	switch (u->up_state) {
+	case UP_SOCKS_METHOD:
+		if (evbuffer_remove(in, b, 2) < 2)
+			return 0;
+		if (b[0] != 0x05 || b[1] != 0x80) {
+			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
+			    "refused SOCKS5 authentication method 0x80");
+			return 0;
+		}
+		upstream_socks_auth(u);
+		return 1;
+	case UP_SOCKS_AUTH:
+		if (evbuffer_remove(in, b, 2) < 2)
+			return 0;
+		if (b[0] != 0x01 || b[1] != 0x00) {
+			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
+			    "rejected the tenant's token or location id");
+			return 0;
+		}
+		upstream_socks_connect(u);
+		return 1;
+	case UP_SOCKS_CONNECT:
+		if (evbuffer_copyout(in, b, 5) < 5)
+			return 0;
+		if (b[0] != 0x05) {
+			upstream_fail(u, "SYS/TEMP", "malformed SOCKS5 reply from "
+			    "the connectivity proxy");
+			return 0;
+		}
+		if (b[1] != 0x00) {
+			log_warnx("session=%lu connectivity proxy reply code %d",
+			    session_id(u->up_session), b[1]);
+			snprintf(reason, sizeof(reason), "connectivity proxy "
+			    "reply %d: %s", b[1], socks_reply_name(b[1]));
+			upstream_fail(u, "SYS/TEMP", reason);
+			return 0;
+		}
+		need = b[3] == 0x01 ? 10 : b[3] == 0x04 ? 22 : b[3] == 0x03 ?
+		    (size_t)7 + b[4] : 0;
+		if (need == 0) {
+			upstream_fail(u, "SYS/TEMP", "malformed SOCKS5 reply from "
+			    "the connectivity proxy");
+			return 0;
+		}
+		if (evbuffer_get_length(in) < need)
+			return 0;
+		evbuffer_drain(in, need);
+		log_debug("session=%lu connectivity proxy connected to %s:%d",
+		    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port);
+		if (u->up_cfg->tls == UPSTREAM_TLS_IMPLICIT) {
+			upstream_start_tls(u, UP_TLS_CONNECT);
+			return 0;
+		}
+		u->up_state = UP_GREETING;
+		return 1;
+	default:
+		return 0;
+	}
+}
+
 static void
 upstream_read_cb(struct bufferevent *bev, void *arg)
 {
@@ -539,6 +766,10 @@ upstream_read_cb(struct bufferevent *bev, void *arg)
 	struct evbuffer	*in = bufferevent_get_input(bev);
 	char		*line;
 	size_t		 len;
+
+	while (u->up_state >= UP_SOCKS_METHOD && u->up_state <= UP_SOCKS_CONNECT)
+		if (!upstream_socks_read(u))
+			return;
 
 	while (u->up_state != UP_FAILED && u->up_state != UP_READY &&
 	    u->up_state != UP_STLS_HANDSHAKE && u->up_state != UP_TLS_CONNECT) {
@@ -573,6 +804,13 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (what & BEV_EVENT_CONNECTED) {
 		bufferevent_set_timeouts(bev, NULL, NULL);
 		if (u->up_state == UP_CONNECT) {
+			if (u->up_cfg->socks) {
+				/* SOCKS5, one method: SAP's 0x80 */
+				evbuffer_add(bufferevent_get_output(bev),
+				    "\x05\x01\x80", 3);
+				u->up_state = UP_SOCKS_METHOD;
+				return;
+			}
 			if (u->up_cfg->tls == UPSTREAM_TLS_IMPLICIT) {
 				upstream_start_tls(u, UP_TLS_CONNECT);
 				return;
@@ -646,7 +884,7 @@ upstream_connect(struct upstream *u)
 
 /* Open the upstream connection for a session and start the login. */
 struct upstream *
-upstream_start(struct session *s, struct proxy_config *cfg)
+upstream_start(struct session *s, struct proxy_config *cfg, const char *token)
 {
 	struct upstream	*u;
 
@@ -654,6 +892,8 @@ upstream_start(struct session *s, struct proxy_config *cfg)
 		return NULL;
 	u->up_session = s;
 	u->up_cfg = cfg;
+	/* the destination's token, or one exchanged for this session */
+	u->up_token = token ? token : cfg->token;
 	u->up_state = UP_CONNECT;
 	u->up_timer = evtimer_new(proxy->base, upstream_timeout_cb, u);
 	if (u->up_timer == NULL || upstream_connect(u) == -1) {

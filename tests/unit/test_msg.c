@@ -601,7 +601,7 @@ test_type_names(void **state)
 	assert_string_equal(msg_type_name(-1), "UNKNOWN");
 	assert_string_equal(msg_type_name(105), "UNKNOWN");
 	assert_string_equal(msg_type_name(150), "UNKNOWN");
-	assert_string_equal(msg_type_name(204), "UNKNOWN");
+	assert_string_equal(msg_type_name(205), "UNKNOWN");
 	assert_string_equal(msg_type_name(999), "UNKNOWN");
 }
 
