@@ -522,7 +522,7 @@ test_decode_rejects(void **state)
 	/* unknown type, including ones between the known ranges */
 	len = build(buf, PROTO_VERSION, 0, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
-	len = build(buf, PROTO_VERSION, 105, 2, "{}");
+	len = build(buf, PROTO_VERSION, 107, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
 	len = build(buf, PROTO_VERSION, 199, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
@@ -599,7 +599,7 @@ test_type_names(void **state)
 	assert_int_equal(MSG_HELLO, 200);
 	assert_string_equal(msg_type_name(0), "UNKNOWN");
 	assert_string_equal(msg_type_name(-1), "UNKNOWN");
-	assert_string_equal(msg_type_name(105), "UNKNOWN");
+	assert_string_equal(msg_type_name(107), "UNKNOWN");
 	assert_string_equal(msg_type_name(150), "UNKNOWN");
 	assert_string_equal(msg_type_name(205), "UNKNOWN");
 	assert_string_equal(msg_type_name(999), "UNKNOWN");
