@@ -526,7 +526,7 @@ test_decode_rejects(void **state)
 	expect_decode_error(buf, len, "unknown message type");
 	len = build(buf, PROTO_VERSION, 199, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
-	len = build(buf, PROTO_VERSION, 204, 2, "{}");
+	len = build(buf, PROTO_VERSION, 205, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
 	len = build(buf, PROTO_VERSION, 0xffff, 2, "{}");
 	expect_decode_error(buf, len, "unknown message type");
