@@ -65,6 +65,15 @@ service_set_error(struct service *sv, const char *fmt, ...)
 		json_array_remove(sv->sv_errors, 0);
 }
 
+/* A problem worth showing in status, without a new entry for a repeat. */
+void
+service_note_error(struct service *sv, const char *msg)
+{
+	if (sv->sv_error != NULL && strcmp(sv->sv_error, msg) == 0)
+		return;
+	service_set_error(sv, "%s", msg);
+}
+
 /* Every proxy, current and retired, logs at this level from now on. */
 void
 services_set_log_level(int level)
@@ -173,6 +182,80 @@ service_sandbox_policy(struct service *sv)
 	    sup->st.empty_dir, "strict", sup->st.sandbox_strict);
 }
 
+/* Where an exchange's answer goes: the proxy that asked, if still there. */
+struct exchange_reply {
+	char		*xr_key;
+	pid_t		 xr_pid;
+	json_int_t	 xr_session;
+};
+
+#define SERVICE_MAX_EXCHANGES	32	/* in flight per proxy */
+
+static void
+service_exchanged(const char *token, const char *error, void *arg)
+{
+	struct exchange_reply	*xr = arg;
+	struct service		*sv;
+	json_t			*body;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (strcmp(sv->sv_key, xr->xr_key) == 0 &&
+		    sv->sv_pid == xr->xr_pid && sv->sv_chan != -1)
+			break;
+	if (sv != NULL) {
+		if (sv->sv_exchanges > 0)
+			sv->sv_exchanges--;
+		body = json_pack("{s:I,s:s?,s:s?}", "session", xr->xr_session,
+		    "token", token, "error", token ? NULL : error);
+		service_send(sv, MSG_EXCHANGED, body, -1);
+		json_decref(body);	/* the allocator wipes the token */
+		if (token == NULL)
+			service_note_error(sv, error ? error : "token exchange "
+			    "refused");
+	}
+	free(xr->xr_key);
+	free(xr);
+}
+
+/*
+ * A proxy asks to exchange a client's refresh token or code.  The proxy is
+ * not trusted: the destination it may ask for is its own service's, and
+ * only so many requests may be in flight.
+ */
+static void
+service_exchange(struct service *sv, json_t *body)
+{
+	struct exchange_reply	*xr;
+	const char		*kind, *value;
+	json_t			*reply;
+	json_int_t		 session;
+
+	kind = json_string_value(json_object_get(body, "kind"));
+	value = json_string_value(json_object_get(body, "value"));
+	session = json_integer_value(json_object_get(body, "session"));
+	if (kind == NULL || value == NULL || (strcmp(kind, "refresh") &&
+	    strcmp(kind, "code")) || strlen(value) > 16384) {
+		service_kill(sv, "malformed EXCHANGE");
+		return;
+	}
+	if (sv->sv_instance == NULL || sv->sv_exchanges >= SERVICE_MAX_EXCHANGES) {
+		reply = json_pack("{s:I,s:s}", "session", session, "error",
+		    sv->sv_instance == NULL ? "this destination does not exchange "
+		    "tokens" : "too many token exchanges in flight");
+		service_send(sv, MSG_EXCHANGED, reply, -1);
+		json_decref(reply);
+		return;
+	}
+	if ((xr = calloc(1, sizeof(*xr))) == NULL)
+		fatal("calloc");
+	xr->xr_key = strdup(sv->sv_key);
+	xr->xr_pid = sv->sv_pid;
+	xr->xr_session = session;
+	sv->sv_exchanges++;
+	destsvc_exchange(sv->sv_instance, sv->sv_tenant ? sv->sv_tenant :
+	    TPMAIL_PROVIDER_TENANT, sv->sv_dest, kind, value, service_exchanged, xr);
+}
+
 /* HELLO arrived: [CA] then CONFIG with the listening socket. */
 static void
 service_configure(struct service *sv)
@@ -241,6 +324,9 @@ service_dispatch(evutil_socket_t fd, short ev, void *arg)
 			    json_object_get(m.body, "total"));
 			sv->sv_failed = json_integer_value(
 			    json_object_get(m.body, "failed"));
+			break;
+		case MSG_EXCHANGE:
+			service_exchange(sv, m.body);
 			break;
 		case MSG_EVENT:
 			if ((e = json_string_value(json_object_get(m.body,
@@ -462,6 +548,8 @@ service_free(struct service *sv)
 	free(sv->sv_name);
 	free(sv->sv_cr);
 	free(sv->sv_tenant);
+	free(sv->sv_instance);
+	free(sv->sv_dest);
 	free(sv->sv_error);
 	free(sv);
 }

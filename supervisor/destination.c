@@ -6,6 +6,7 @@
  * naming the property, never guessed.  Runs in the supervisor.
  */
 #include <arpa/inet.h>
+#include <openssl/evp.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -144,29 +145,74 @@ static const char *const known_props[] = {
 	return NULL;						\
 } while (0)
 
-/*
- * Find destination `name` for `tenant` and turn it into the proxy's
- * upstream and auth configuration.  NULL with SAP's reason and a message.
- */
+/* Destination `name` of `tenant` in the destinations file, or NULL. */
 json_t *
-destination_resolve(json_t *dests, const char *tenant, const char *name,
-    const struct settings *st, const char **reason, char *msg, size_t msgsz)
+destination_find(json_t *dests, const char *tenant, const char *name)
 {
-	json_t		*arr, *d = NULL, *v;
-	const char	*type, *ptype, *authn, *proto, *host, *port, *user, *pw;
-	const char	*tls = "none", *method = "auto", *mechs, *cafile, *key;
-	char		*end, other[16];
-	size_t		 i, plen;
-	long		 portn;
-	int		 auth, stls, stls_req, ssl, apop, verify;
+	json_t	*arr, *v, *d = NULL;
+	size_t	 i;
 
 	arr = json_object_get(dests, tenant);
 	json_array_foreach(arr, i, v)
 		if (strcmp(json_string_value(json_object_get(v, "Name")), name) == 0)
 			d = v;
+	return d;
+}
+
+/*
+ * Find destination `name` for `tenant` in the destinations file and turn
+ * it into the proxy's configuration.  NULL with SAP's reason and a message.
+ */
+json_t *
+destination_resolve(json_t *dests, const char *tenant, const char *name,
+    const struct settings *st, const char **reason, char *msg, size_t msgsz)
+{
+	json_t	*d = destination_find(dests, tenant, name);
+
 	if (d == NULL)
 		FAIL(R_NOTFOUND, "Technical connectivity is not configured. "
 		    "Destination \"%s\" not found for tenant \"%s\"", name, tenant);
+	return destination_translate(d, NULL, st, reason, msg, msgsz);
+}
+
+static char *
+b64(const char *s)
+{
+	size_t	 n = strlen(s);
+	char	*out = malloc(4 * ((n + 2) / 3) + 1);
+
+	if (out != NULL)
+		EVP_EncodeBlock((unsigned char *)out, (const unsigned char *)s, n);
+	return out;
+}
+
+/*
+ * One MAIL destination (a flat property object, from the file or from the
+ * Destination service's destinationConfiguration, with its authTokens when
+ * it came from there) as the proxy's upstream and auth configuration.
+ */
+json_t *
+destination_translate(json_t *d, json_t *auth_tokens,
+    const struct settings *st, const char **reason, char *msg, size_t msgsz)
+{
+	json_t		*v, *out;
+	const char	*type, *ptype, *authn, *proto, *host, *port, *user, *pw;
+	const char	*tls = "none", *method = "auto", *mechs, *cafile, *key;
+	const char	*name, *token = NULL, *exchange = NULL, *loc;
+	char		*end, other[16], *loc64;
+	size_t		 plen;
+	long		 portn;
+	int		 auth, stls, stls_req, ssl, apop, verify, onprem;
+
+	if (!json_is_object(d))
+		FAIL(R_PROPERTY, "the destination is not an object");
+	json_object_foreach(d, key, v)
+		if (!json_is_string(v))
+			FAIL(R_PROPERTY, "destination property %s must be a "
+			    "string, as the Destination service stores it", key);
+	name = json_string_value(json_object_get(d, "Name"));
+	if (name == NULL)
+		FAIL(R_PROPERTY, "the destination has no Name");
 	type = json_string_value(json_object_get(d, "Type"));
 	if (type == NULL || strcmp(type, "MAIL") != 0)
 		FAIL(R_TYPE, "Destination \"%s\" has Type \"%s\"; tpmail serves "
@@ -176,14 +222,42 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 	    strcmp(ptype, "OnPremise") != 0))
 		FAIL(R_PROXYTYPE, "Destination \"%s\" has ProxyType \"%s\"; it "
 		    "must be Internet or OnPremise", name, ptype ? ptype : "");
-	if (strcmp(ptype, "OnPremise") == 0)
+	onprem = strcmp(ptype, "OnPremise") == 0;
+	if (onprem && (st->connectivity_proxy == NULL ||
+	    st->connectivity_key == NULL))
 		FAIL(R_PROXYTYPE, "Destination \"%s\" is OnPremise, which needs "
-		    "the connectivity proxy; none is configured", name);
+		    "the connectivity proxy (--connectivity-proxy and "
+		    "--connectivity-key); none is configured", name);
 	authn = json_string_value(json_object_get(d, "Authentication"));
-	if (authn != NULL && strcmp(authn, "BasicAuthentication") != 0 &&
-	    strcmp(authn, "NoAuthentication") != 0)
+	if (authn == NULL || strcmp(authn, "BasicAuthentication") == 0 ||
+	    strcmp(authn, "NoAuthentication") == 0)
+		;
+	else if (strcmp(authn, "OAuth2ClientCredentials") == 0) {
+		v = json_array_get(auth_tokens, 0);
+		token = json_string_value(json_object_get(v, "value"));
+		if (auth_tokens == NULL)
+			FAIL(R_AUTHTYPE, "Destination \"%s\": "
+			    "OAuth2ClientCredentials needs the Destination "
+			    "service, which fetches its token", name);
+		if (token == NULL || token[0] == '\0')
+			FAIL("ConfigurationFailed", "Destination \"%s\": the "
+			    "Destination service returned no token: %s", name,
+			    json_string_value(json_object_get(v, "error")) ?
+			    json_string_value(json_object_get(v, "error")) :
+			    "no authTokens");
+	} else if (strcmp(authn, "OAuth2RefreshToken") == 0 ||
+	    strcmp(authn, "OAuth2AuthorizationCode") == 0) {
+		if (auth_tokens == NULL)
+			FAIL(R_AUTHTYPE, "Destination \"%s\": %s needs the "
+			    "Destination service to exchange the client's token",
+			    name, authn);
+		exchange = strcmp(authn, "OAuth2RefreshToken") == 0 ? "refresh" :
+		    "code";
+	} else
 		FAIL(R_AUTHTYPE, "Destination \"%s\": Authentication \"%s\" is "
-		    "not supported yet (BasicAuthentication is)", name, authn);
+		    "not supported for MAIL (BasicAuthentication, "
+		    "OAuth2ClientCredentials, OAuth2RefreshToken, "
+		    "OAuth2AuthorizationCode are)", name, authn);
 	proto = json_string_value(json_object_get(d, "mail.transport.protocol"));
 	if (proto == NULL)
 		FAIL(R_PROPERTY, "Destination \"%s\": mail.transport.protocol is "
@@ -229,7 +303,7 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 		FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.host is missing",
 		    name, proto);
 	}
-	if (!st->allow_loopback && is_loopback(host))
+	if (!onprem && !st->allow_loopback && is_loopback(host))
 		FAIL(R_LOOPBACK, "Destination \"%s\": mail.%s.host %s is a "
 		    "loopback address", name, proto, host);
 	port = prop(d, proto, "port");
@@ -283,7 +357,15 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 		auth = 0;
 	if (!auth)
 		method = "none";
-	else {
+	else if (token != NULL || exchange != NULL) {
+		if (exchange == NULL && (user == NULL || user[0] == '\0'))
+			FAIL(R_PROPERTY, "Destination \"%s\": mail.user is "
+			    "required for OAuth2ClientCredentials", name);
+		if (apop || mechs != NULL)
+			FAIL(R_PROPERTY, "Destination \"%s\": apop.enable and "
+			    "auth.mechanisms do not apply to OAuth2 logins", name);
+		method = exchange != NULL ? "exchange" : "oauth2";
+	} else {
 		if (user == NULL || user[0] == '\0')
 			FAIL(R_PROPERTY, "Destination \"%s\": mail.user is "
 			    "required when mail.%s.auth is true", name, proto);
@@ -310,11 +392,28 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 				    proto, mechs);
 		}
 	}
-	return json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:b},s:{s:s,s:s?,s:s?}}",
+	out = json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:b},"
+	    "s:{s:s,s:s?,s:s?,s:s?,s:s?}}",
 	    "protocol", proto,
 	    "default_port", strcmp(proto, "pop3s") == 0 ? 995 : 110,
 	    "upstream", "host", host, "port", (int)portn, "tls", tls,
 	    "cafile", cafile, "verify_host", verify,
 	    "auth", "method", method, "user", auth ? user : NULL,
-	    "password", auth ? pw : NULL);
+	    "password", auth && token == NULL && exchange == NULL ? pw : NULL,
+	    "token", auth ? token : NULL, "exchange", auth ? exchange : NULL);
+	if (onprem) {
+		/* the virtual host is the Cloud Connector's business */
+		loc = json_string_value(json_object_get(d,
+		    "CloudConnectorLocationId"));
+		loc64 = loc != NULL && loc[0] != '\0' ? b64(loc) : strdup("");
+		if (loc64 == NULL || strlen(loc64) > 255) {
+			free(loc64);
+			json_decref(out);
+			FAIL(R_PROPERTY, "Destination \"%s\": "
+			    "CloudConnectorLocationId is too long", name);
+		}
+		json_object_set_new(out, "onpremise", json_string(loc64));
+		free(loc64);
+	}
+	return out;
 }

@@ -84,6 +84,7 @@ supervisor_reload(void)
 	st->drain_grace = ns.drain_grace;
 	st->backoff_max = ns.backoff_max;
 	st->sandbox_strict = ns.sandbox_strict;
+	st->poll_interval = ns.poll_interval;
 	free(st->system_ca);
 	st->system_ca = ns.system_ca;
 	ns.system_ca = NULL;
@@ -117,6 +118,7 @@ supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 	crdir_stop();
 	control_stop();
 	http_stop();
+	destsvc_stop();
 	TAILQ_FOREACH_SAFE(sv, &sup->services, sv_entry, next)
 		service_stop(sv);
 	stop_timer = evtimer_new(sup->base, supervisor_stop_timeout_cb, NULL);
@@ -203,6 +205,8 @@ main(int argc, char *argv[])
 	int		 signos[4] = { SIGTERM, SIGINT, SIGCHLD, SIGHUP }, i;
 	struct stat	 sb;
 	sigset_t	 mask;
+	json_t		*rv;
+	size_t		 ri;
 
 	log_init("tpmaild", LOG_LEVEL_INFO);
 	secret_install();
@@ -240,6 +244,10 @@ main(int argc, char *argv[])
 		evsignal_add(sigs[i], NULL);
 	}
 	ports_load();
+	httpc_init();
+	json_array_foreach(sup->st.resolve, ri, rv)
+		httpc_add_resolve(json_string_value(rv));
+	destsvc_start();
 	control_start();
 	supervisor_drop_privileges();
 	crdir_start();

@@ -72,15 +72,43 @@ reconcile_config(const char *key, const char *tenant, json_t *resolved,
     char *msg, size_t msgsz)
 {
 	json_t		*c, *up, *addrs;
-	const char	*ca;
+	const char	*ca, *loc, *jwt;
+	char		 chost[256], *colon;
 
 	up = json_deep_copy(json_object_get(resolved, "upstream"));
-	if ((addrs = reconcile_resolve(json_string_value(json_object_get(up,
-	    "host")), msg, msgsz)) == NULL) {
-		json_decref(up);
-		return NULL;
+	if ((loc = json_string_value(json_object_get(resolved, "onpremise"))) !=
+	    NULL) {
+		/*
+		 * On premise: connect to the connectivity proxy, which reaches
+		 * the virtual host through the Cloud Connector.
+		 */
+		if (destsvc_connectivity_token(tenant ? tenant :
+		    TPMAIL_PROVIDER_TENANT, &jwt, msg, msgsz) != 1) {
+			json_decref(up);
+			return NULL;
+		}
+		snprintf(chost, sizeof(chost), "%s", sup->st.connectivity_proxy);
+		if ((colon = strrchr(chost, ':')) == NULL) {
+			snprintf(msg, msgsz, "--connectivity-proxy needs HOST:PORT");
+			json_decref(up);
+			return NULL;
+		}
+		*colon = '\0';
+		if ((addrs = reconcile_resolve(chost, msg, msgsz)) == NULL) {
+			json_decref(up);
+			return NULL;
+		}
+		json_object_set_new(up, "socks", json_pack("{s:o,s:i,s:s,s:s}",
+		    "addresses", addrs, "port", atoi(colon + 1), "jwt", jwt,
+		    "location", loc));
+	} else {
+		if ((addrs = reconcile_resolve(json_string_value(json_object_get(
+		    up, "host")), msg, msgsz)) == NULL) {
+			json_decref(up);
+			return NULL;
+		}
+		json_object_set_new(up, "addresses", addrs);
 	}
-	json_object_set_new(up, "addresses", addrs);
 	/* the proxy gets the CA as a descriptor; it keeps only its origin */
 	ca = json_string_value(json_object_get(up, "cafile"));
 	json_object_set_new(up, "ca", json_string(ca ? ca : "system"));
@@ -107,13 +135,58 @@ reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *msg)
 	    "error", msg, "source", cr->cr_source));
 }
 
+/* The Destination service instance of a CR: its own, or the default. */
+static const char *
+reconcile_instance(struct cr *cr)
+{
+	return cr->cr_instance ? cr->cr_instance : sup->st.default_instance;
+}
+
+/*
+ * A tenant's destination: from the destinations file, else from the
+ * Destination service when the CR's instance has a service key.
+ * 1 with *resolved, 0 while the first lookup runs, -1 with reason and msg.
+ */
+static int
+reconcile_lookup(struct cr *cr, const char *tenant, json_t **resolved,
+    const char **stale, const char **reason, char *msg, size_t msgsz)
+{
+	const char	*instance = reconcile_instance(cr);
+	json_t		*d, *res, *tokens;
+	int		 r;
+
+	if ((d = destination_find(sup->destinations, tenant, cr->cr_dest)) !=
+	    NULL || instance == NULL || !destsvc_has_instance(instance)) {
+		*resolved = destination_resolve(sup->destinations, tenant,
+		    cr->cr_dest, &sup->st, reason, msg, msgsz);
+		return *resolved ? 1 : -1;
+	}
+	r = destsvc_lookup(instance, tenant, cr->cr_dest, &res, stale, reason,
+	    msg, msgsz);
+	if (r != 1)
+		return r;
+	tokens = json_object_get(res, "authTokens");
+	if (tokens == NULL)
+		tokens = json_array();
+	else
+		json_incref(tokens);
+	*resolved = destination_translate(json_object_get(res,
+	    "destinationConfiguration"), tokens, &sup->st, reason, msg, msgsz);
+	json_decref(tokens);
+	if (*resolved == NULL)
+		return -1;
+	json_object_set_new(*resolved, "from_service", json_true());
+	return 1;
+}
+
 /* The tenant services of one CR; returns how many were applied. */
 static void
 reconcile_cr(struct cr *cr, json_t *rejected)
 {
 	struct service	*sv;
 	json_t		*resolved, *config, *failed = json_array();
-	const char	*tenant, *reason = NULL, *ca;
+	const char	*tenant, *reason = NULL, *ca, *stale;
+	int		 r;
 	char		 name[300], key[600], msg[1024], all[4096];
 	size_t		 i, n = cr->cr_tenants ? json_array_size(cr->cr_tenants) : 1;
 	int		 nfailed = 0;
@@ -132,10 +205,23 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 			reason = R_NAME_PRESENT;
 			goto tenant_failed;
 		}
-		resolved = destination_resolve(sup->destinations,
-		    tenant ? tenant : TPMAIL_PROVIDER_TENANT, cr->cr_dest,
-		    &sup->st, &reason, msg, sizeof(msg));
-		if (resolved == NULL)
+		stale = NULL;
+		resolved = NULL;
+		r = reconcile_lookup(cr, tenant ? tenant : TPMAIL_PROVIDER_TENANT,
+		    &resolved, &stale, &reason, msg, sizeof(msg));
+		if (r == 0 || (r == -1 && sv != NULL && sv->sv_config != NULL &&
+		    sv->sv_instance != NULL)) {
+			/* being fetched, or failing: keep what serves now */
+			if (sv != NULL && sv->sv_config != NULL) {
+				sv->sv_desired = 1;
+				if (r == -1)
+					service_note_error(sv, msg);
+			}
+			if (r == 0)
+				continue;
+			goto tenant_failed;
+		}
+		if (r == -1)
 			goto tenant_failed;
 		if ((config = reconcile_config(key, tenant, resolved, msg,
 		    sizeof(msg))) == NULL) {
@@ -164,6 +250,14 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 			free(sv->sv_cr);
 			sv->sv_cr = strdup(cr->cr_name);
 		}
+		/* where a client's token is exchanged, if it comes to that */
+		free(sv->sv_instance);
+		free(sv->sv_dest);
+		sv->sv_instance = json_is_true(json_object_get(resolved,
+		    "from_service")) ? strdup(reconcile_instance(cr)) : NULL;
+		sv->sv_dest = strdup(cr->cr_dest);
+		if (stale != NULL)
+			service_note_error(sv, stale);
 		sv->sv_svc_port = cr->cr_port ? cr->cr_port : (int)json_integer_value(
 		    json_object_get(resolved, "default_port"));
 		if (sv->sv_config == NULL) {

@@ -21,7 +21,8 @@ enum {
 	OPT_LISTEN, OPT_PORTS, OPT_PROXY, OPT_LOG_LEVEL, OPT_IDLE, OPT_CONNECT,
 	OPT_AUTH, OPT_MAX_SESSIONS, OPT_MAX_LINE, OPT_MAX_BUFFER, OPT_GRACE,
 	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HTTP,
-	OPT_LOG_FORMAT, OPT_HELP,
+	OPT_LOG_FORMAT, OPT_SERVICE_KEYS, OPT_DEFAULT_INSTANCE, OPT_POLL,
+	OPT_CONN_PROXY, OPT_CONN_KEY, OPT_RESOLVE, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -47,6 +48,12 @@ static const struct option long_opts[] = {
 	{ "system-ca", required_argument, NULL, OPT_SYSTEM_CA },
 	{ "http", required_argument, NULL, OPT_HTTP },
 	{ "log-format", required_argument, NULL, OPT_LOG_FORMAT },
+	{ "service-keys", required_argument, NULL, OPT_SERVICE_KEYS },
+	{ "default-instance", required_argument, NULL, OPT_DEFAULT_INSTANCE },
+	{ "poll-interval", required_argument, NULL, OPT_POLL },
+	{ "connectivity-proxy", required_argument, NULL, OPT_CONN_PROXY },
+	{ "connectivity-key", required_argument, NULL, OPT_CONN_KEY },
+	{ "resolve", required_argument, NULL, OPT_RESOLVE },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -100,6 +107,12 @@ usage(FILE *f)
 "                         (default 200000)\n"
 "  --sandbox MODE         best-effort (default: apply what the privileges allow,\n"
 "                         report the rest) or strict (refuse to serve otherwise)\n"
+"  --service-keys DIR     Destination service keys, one file per instance\n"
+"  --default-instance N   instance for CRs without destinationServiceInstanceName\n"
+"  --poll-interval SEC    re-read destinations from the service (default 180)\n"
+"  --connectivity-proxy HOST:PORT  the connectivity proxy's SOCKS5 (OnPremise)\n"
+"  --connectivity-key FILE         its service key (tokens per tenant)\n"
+"  --resolve HOST:PORT:ADDR        as curl's --resolve, for control-plane URLs\n"
 "  --http ADDR:PORT       serve /healthz, /readyz and /metrics (e.g. 127.0.0.1:9494)\n"
 "  --system-ca FILE       CA bundle for destinations without their own CA file\n"
 "                         (default /etc/ssl/certs/ca-certificates.crt)\n");
@@ -178,6 +191,34 @@ settings_apply(struct settings *st, int opt, const char *val)
 			st->sandbox_strict = 0;
 		else
 			return -1;
+		return 0;
+	case OPT_SERVICE_KEYS:
+		free(st->service_keys);
+		st->service_keys = strdup(val);
+		return 0;
+	case OPT_DEFAULT_INSTANCE:
+		free(st->default_instance);
+		st->default_instance = strdup(val);
+		return 0;
+	case OPT_POLL: return parse_int(val, 1, 86400, &st->poll_interval);
+	case OPT_CONN_PROXY:
+		if (strrchr(val, ':') == NULL)
+			return -1;
+		free(st->connectivity_proxy);
+		st->connectivity_proxy = strdup(val);
+		return 0;
+	case OPT_CONN_KEY:
+		free(st->connectivity_key);
+		st->connectivity_key = strdup(val);
+		return 0;
+	case OPT_RESOLVE:
+		/* HOST:PORT:ADDR, as curl's --resolve */
+		if (strchr(val, ':') == NULL || strchr(strchr(val, ':') + 1,
+		    ':') == NULL)
+			return -1;
+		if (st->resolve == NULL)
+			st->resolve = json_array();
+		json_array_append_new(st->resolve, json_string(val));
 		return 0;
 	case OPT_LOG_FORMAT:
 		if (strcmp(val, "json") == 0)
@@ -298,6 +339,7 @@ settings_load(struct settings *st, int argc, char **argv)
 	st->backoff_max = 60;
 	st->allow_loopback = 1;		/* standalone mode */
 	st->uid_base = 200000;
+	st->poll_interval = 180;
 	st->log_json = !isatty(STDERR_FILENO);
 	st->system_ca = strdup("/etc/ssl/certs/ca-certificates.crt");
 
@@ -359,5 +401,10 @@ settings_free(struct settings *st)
 	free(st->system_ca);
 	free(st->empty_dir);
 	free(st->http);
+	free(st->service_keys);
+	free(st->default_instance);
+	free(st->connectivity_proxy);
+	free(st->connectivity_key);
+	json_decref(st->resolve);
 	memset(st, 0, sizeof(*st));
 }

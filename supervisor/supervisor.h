@@ -52,6 +52,12 @@ struct settings {
 	char	*system_ca;		/* the system CA bundle, for system trust */
 	char	*empty_dir;		/* the tenant proxies' chroot */
 	char	*http;			/* ADDR:PORT of /healthz /readyz /metrics */
+	char	*service_keys;		/* Destination service keys, per instance */
+	char	*default_instance;
+	int	 poll_interval;
+	char	*connectivity_proxy;	/* HOST:PORT of its SOCKS5 endpoint */
+	char	*connectivity_key;	/* its service key file */
+	json_t	*resolve;		/* HOST:PORT:ADDR strings (curl --resolve) */
 };
 
 /* One validated Destination CR. */
@@ -82,6 +88,9 @@ struct service {
 	char			*sv_name;
 	char			*sv_cr;
 	char			*sv_tenant;	/* NULL: dedicated */
+	char			*sv_instance;	/* Destination service instance */
+	char			*sv_dest;	/* destination name */
+	int			 sv_exchanges;	/* token exchanges in flight */
 	json_t			*sv_config;	/* what the proxy gets (secrets!) */
 	char			*sv_ca;		/* trust store file, NULL without TLS */
 	json_t			*sv_sandbox;	/* the proxy's sandbox report */
@@ -154,6 +163,9 @@ void		 cr_free(struct cr *);
 
 /* destination.c */
 json_t	*destinations_load(const char *path, char *err, size_t errsz);
+json_t	*destination_find(json_t *dests, const char *tenant, const char *name);
+json_t	*destination_translate(json_t *d, json_t *auth_tokens,
+	    const struct settings *, const char **reason, char *msg, size_t msgsz);
 json_t	*destination_resolve(json_t *dests, const char *tenant, const char *name,
 	    const struct settings *, const char **reason, char *msg, size_t msgsz);
 
@@ -177,12 +189,38 @@ void	 service_free(struct service *);
 void	 child_reap(void);
 const char *service_state_name(enum service_state);
 int	 services_alive(void);
+void	 service_note_error(struct service *, const char *);
 void	 services_set_log_level(int);
 
 /* ports.c */
 void	 ports_load(void);
 int	 ports_bind(struct service *);
 void	 ports_release(const char *key);
+
+/* httpc.c */
+typedef void	(*httpc_cb)(long status, const char *body, size_t len,
+		    const char *err, void *arg);
+void	 httpc_init(void);
+void	 httpc_add_resolve(const char *);
+int	 httpc_request(const char *url, const char *const *headers,
+	    const char *body, const char *user, const char *pass,
+	    const char *cert, const char *key, int timeout, httpc_cb, void *);
+char	*httpc_escape(const char *);
+
+/* destsvc.c */
+typedef void	(*destsvc_exchange_cb)(const char *token, const char *error,
+		    void *arg);
+void	 destsvc_start(void);
+void	 destsvc_stop(void);
+int	 destsvc_has_instance(const char *);
+int	 destsvc_lookup(const char *instance, const char *tenant,
+	    const char *name, json_t **res, const char **stale,
+	    const char **reason, char *msg, size_t msgsz);
+int	 destsvc_connectivity_token(const char *tenant, const char **jwt,
+	    char *msg, size_t msgsz);
+void	 destsvc_exchange(const char *instance, const char *tenant,
+	    const char *name, const char *kind, const char *value,
+	    destsvc_exchange_cb, void *);
 
 /* http.c */
 int	 http_start(void);

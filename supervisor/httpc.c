@@ -1,0 +1,269 @@
+/*
+ * httpc.c: asynchronous HTTP requests for tpmaild (libcurl's multi interface
+ * driven by libevent), for the OAuth token endpoints and the Destination
+ * service.  One request, one callback with the status and the body; the
+ * event loop never blocks on a slow or dead control plane.  Request and
+ * response bodies carry secrets (client secrets, tokens, passwords): every
+ * buffer is wiped when freed.  Runs in the supervisor.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+#include <event2/event.h>
+
+#include "log.h"
+#include "secret.h"
+#include "supervisor.h"
+
+#define HTTPC_MAX_BODY	(4 * 1024 * 1024)
+
+struct httpc_req {
+	CURL			*hr_easy;
+	struct curl_slist	*hr_headers;
+	char			*hr_body;	/* request body (secret) */
+	char			*hr_resp;	/* response body (secret) */
+	size_t			 hr_len;
+	size_t			 hr_cap;
+	int			 hr_too_big;
+	char			 hr_err[CURL_ERROR_SIZE];
+	httpc_cb		 hr_cb;
+	void			*hr_arg;
+};
+
+struct httpc_sock {
+	struct event	*hs_ev;
+	curl_socket_t	 hs_fd;
+};
+
+static CURLM			*multi;
+static struct event		*multi_timer;
+static struct curl_slist	*resolve_list;
+
+static void	httpc_check_done(void);
+
+static size_t
+httpc_write(char *data, size_t size, size_t n, void *arg)
+{
+	struct httpc_req	*r = arg;
+	size_t			 len = size * n, cap;
+	char			*nb;
+
+	if (r->hr_len + len + 1 > HTTPC_MAX_BODY) {
+		r->hr_too_big = 1;
+		return 0;
+	}
+	if (r->hr_len + len + 1 > r->hr_cap) {
+		cap = (r->hr_len + len + 1) * 2;
+		if ((nb = malloc(cap)) == NULL)
+			return 0;
+		/* copied by hand so that no old block escapes unwiped */
+		if (r->hr_resp != NULL)
+			memcpy(nb, r->hr_resp, r->hr_len);
+		secret_free(r->hr_resp);
+		r->hr_resp = nb;
+		r->hr_cap = cap;
+	}
+	memcpy(r->hr_resp + r->hr_len, data, len);
+	r->hr_len += len;
+	r->hr_resp[r->hr_len] = '\0';
+	return len;
+}
+
+static void
+httpc_free(struct httpc_req *r)
+{
+	curl_multi_remove_handle(multi, r->hr_easy);
+	curl_easy_cleanup(r->hr_easy);
+	curl_slist_free_all(r->hr_headers);
+	secret_free(r->hr_body);
+	secret_free(r->hr_resp);
+	free(r);
+}
+
+static void
+httpc_event_cb(evutil_socket_t fd, short what, void *arg)
+{
+	int	running, flags = 0;
+
+	if (what & EV_READ)
+		flags |= CURL_CSELECT_IN;
+	if (what & EV_WRITE)
+		flags |= CURL_CSELECT_OUT;
+	curl_multi_socket_action(multi, fd, flags, &running);
+	httpc_check_done();
+}
+
+static void
+httpc_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	int	running;
+
+	curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	httpc_check_done();
+}
+
+/* curl tells which sockets to watch for what. */
+static int
+httpc_socket_cb(CURL *e, curl_socket_t fd, int what, void *cbp, void *sockp)
+{
+	struct httpc_sock	*hs = sockp;
+	short			 ev = 0;
+
+	if (what == CURL_POLL_REMOVE) {
+		if (hs != NULL) {
+			event_free(hs->hs_ev);
+			free(hs);
+		}
+		curl_multi_assign(multi, fd, NULL);
+		return 0;
+	}
+	if (what & CURL_POLL_IN)
+		ev |= EV_READ;
+	if (what & CURL_POLL_OUT)
+		ev |= EV_WRITE;
+	if (hs == NULL) {
+		if ((hs = calloc(1, sizeof(*hs))) == NULL)
+			return -1;
+		hs->hs_fd = fd;
+		curl_multi_assign(multi, fd, hs);
+	} else
+		event_free(hs->hs_ev);
+	hs->hs_ev = event_new(sup->base, fd, ev | EV_PERSIST, httpc_event_cb,
+	    NULL);
+	event_add(hs->hs_ev, NULL);
+	return 0;
+}
+
+static int
+httpc_timerfunc(CURLM *m, long ms, void *arg)
+{
+	struct timeval	tv;
+
+	if (ms < 0) {
+		evtimer_del(multi_timer);
+		return 0;
+	}
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	event_add(multi_timer, &tv);
+	return 0;
+}
+
+static void
+httpc_check_done(void)
+{
+	struct httpc_req	*r;
+	CURLMsg			*msg;
+	long			 status = 0;
+	int			 left;
+	const char		*err;
+
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status);
+		err = NULL;
+		if (msg->data.result != CURLE_OK)
+			err = r->hr_too_big ? "response too large" :
+			    r->hr_err[0] ? r->hr_err :
+			    curl_easy_strerror(msg->data.result);
+		r->hr_cb(err ? 0 : status, r->hr_resp ? r->hr_resp : "",
+		    r->hr_len, err, r->hr_arg);
+		httpc_free(r);
+	}
+}
+
+void
+httpc_init(void)
+{
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+		fatalx("curl_global_init");
+	if ((multi = curl_multi_init()) == NULL)
+		fatalx("curl_multi_init");
+	multi_timer = evtimer_new(sup->base, httpc_timer_cb, NULL);
+	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, httpc_socket_cb);
+	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, httpc_timerfunc);
+}
+
+/* HOST:PORT:ADDR, as curl's --resolve, for every request. */
+void
+httpc_add_resolve(const char *entry)
+{
+	resolve_list = curl_slist_append(resolve_list, entry);
+}
+
+/*
+ * Start a request.  body (may be NULL) is sent as a form POST; user/pass
+ * (may be NULL) as HTTP Basic; cert/key (PEM strings, may be NULL) for
+ * mTLS.  cb runs later, exactly once, from the event loop.
+ */
+int
+httpc_request(const char *url, const char *const *headers, const char *body,
+    const char *user, const char *pass, const char *cert, const char *key,
+    int timeout, httpc_cb cb, void *arg)
+{
+	struct httpc_req	*r;
+	size_t			 i;
+
+	if ((r = calloc(1, sizeof(*r))) == NULL ||
+	    (r->hr_easy = curl_easy_init()) == NULL) {
+		free(r);
+		return -1;
+	}
+	r->hr_cb = cb;
+	r->hr_arg = arg;
+	for (i = 0; headers != NULL && headers[i] != NULL; i++)
+		r->hr_headers = curl_slist_append(r->hr_headers, headers[i]);
+	curl_easy_setopt(r->hr_easy, CURLOPT_URL, url);
+	curl_easy_setopt(r->hr_easy, CURLOPT_PRIVATE, r);
+	curl_easy_setopt(r->hr_easy, CURLOPT_WRITEFUNCTION, httpc_write);
+	curl_easy_setopt(r->hr_easy, CURLOPT_WRITEDATA, r);
+	curl_easy_setopt(r->hr_easy, CURLOPT_ERRORBUFFER, r->hr_err);
+	curl_easy_setopt(r->hr_easy, CURLOPT_TIMEOUT, (long)timeout);
+	curl_easy_setopt(r->hr_easy, CURLOPT_CONNECTTIMEOUT, (long)timeout);
+	curl_easy_setopt(r->hr_easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(r->hr_easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(r->hr_easy, CURLOPT_HTTPHEADER, r->hr_headers);
+	if (resolve_list != NULL)
+		curl_easy_setopt(r->hr_easy, CURLOPT_RESOLVE, resolve_list);
+	if (body != NULL) {
+		r->hr_body = strdup(body);
+		curl_easy_setopt(r->hr_easy, CURLOPT_POSTFIELDS, r->hr_body);
+	}
+	if (user != NULL) {
+		curl_easy_setopt(r->hr_easy, CURLOPT_HTTPAUTH, CURLAUTH_BASIC);
+		curl_easy_setopt(r->hr_easy, CURLOPT_USERNAME, user);
+		curl_easy_setopt(r->hr_easy, CURLOPT_PASSWORD, pass ? pass : "");
+	}
+	if (cert != NULL && key != NULL) {
+		struct curl_blob	cb_cert = { (void *)cert, strlen(cert),
+					    CURL_BLOB_COPY };
+		struct curl_blob	cb_key = { (void *)key, strlen(key),
+					    CURL_BLOB_COPY };
+
+		curl_easy_setopt(r->hr_easy, CURLOPT_SSLCERT_BLOB, &cb_cert);
+		curl_easy_setopt(r->hr_easy, CURLOPT_SSLKEY_BLOB, &cb_key);
+	}
+	if (curl_multi_add_handle(multi, r->hr_easy) != CURLM_OK) {
+		httpc_free(r);
+		return -1;
+	}
+	return 0;
+}
+
+/* Percent-encode for a form body; the caller frees with secret_free. */
+char *
+httpc_escape(const char *s)
+{
+	char	*e = curl_easy_escape(NULL, s, 0), *copy;
+
+	if (e == NULL)
+		return NULL;
+	copy = strdup(e);
+	secret_wipe(e, strlen(e));
+	curl_free(e);
+	return copy;
+}
