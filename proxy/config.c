@@ -183,8 +183,9 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	    get_int(lim, "max_buffer", PARAM_MAX_BUFFER, 4096, 1 << 30,
 	    &c->max_buffer))
 		*err = "limits invalid";
-	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE)
-		c->ssl_ctx = tls_ctx_new(ca, calen, err);
+	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE &&
+	    (c->ssl_ctx = tls_ctx_new(ca, calen, err)) != NULL)
+		tls_ctx_bind(c->ssl_ctx, c);
 	if (*err != NULL) {
 		config_unref(c);
 		return NULL;
@@ -213,6 +214,8 @@ config_unref(struct proxy_config *c)
 	secret_vault_free(c->socks_jwt);
 	free(c->socks_location);
 	free(c->exchange);
+	if (c->ssl_session != NULL)
+		SSL_SESSION_free(c->ssl_session);
 	if (c->ssl_ctx != NULL)
 		SSL_CTX_free(c->ssl_ctx);
 	free(c);

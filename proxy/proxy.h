@@ -60,6 +60,7 @@ struct proxy_config {
 	int			 max_line;
 	int			 max_buffer;
 	SSL_CTX			*ssl_ctx;	/* built once per config */
+	SSL_SESSION		*ssl_session;	/* newest, to resume the next */
 };
 
 /* Histogram buckets (seconds), shared by every duration the proxy reports. */
@@ -163,6 +164,7 @@ void		 upstream_free(struct upstream *);
 /* tls.c */
 SSL_CTX	*tls_ctx_new(const char *ca, size_t calen, const char **err);
 SSL	*tls_ssl_new(struct proxy_config *);
+void	 tls_ctx_bind(SSL_CTX *, struct proxy_config *);
 const char *tls_error_string(struct bufferevent *);
 
 #endif

@@ -27,9 +27,9 @@
 #include <openssl/evp.h>
 
 enum session_state {
+	SESSION_LOGIN,		/* upstream login in progress */
 	SESSION_AUTHWAIT,	/* waiting for the client's AUTH XOAUTH2 */
 	SESSION_EXCHANGE,	/* its token being exchanged by tpmaild */
-	SESSION_LOGIN,		/* upstream login in progress */
 	SESSION_RELAY,		/* client commands served */
 	SESSION_CLOSING,	/* flushing the last bytes to the client */
 	SESSION_DEAD,		/* freed on the next loop turn */
@@ -97,7 +97,7 @@ session_id(struct session *s)
 static void
 session_enter_state(struct session *s, enum session_state st)
 {
-	static const char *const names[] = { "authwait", "exchange", "login",
+	static const char *const names[] = { "login", "authwait", "exchange",
 	    "relay", "closing", "dead" };
 
 	log_debug("session=%lu state %s -> %s", s->se_id, names[s->se_state],
@@ -809,6 +809,7 @@ session_new(int fd, struct proxy_config *cfg)
 		return;
 	}
 	s->se_id = ++proxy->next_id;
+	s->se_state = SESSION_LOGIN;
 	s->se_cfg = cfg;
 	config_ref(cfg);
 	TAILQ_INIT(&s->se_queue);

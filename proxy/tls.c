@@ -18,6 +18,33 @@
 #include "proxy.h"
 
 /*
+ * Keep the newest session the mail server gave us: the next login resumes
+ * it and skips the full handshake (and its signature check).
+ */
+static int
+tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
+{
+	struct proxy_config	*c = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+
+	if (c == NULL)
+		return 0;
+	if (c->ssl_session != NULL)
+		SSL_SESSION_free(c->ssl_session);
+	c->ssl_session = sess;
+	return 1;	/* we keep the reference */
+}
+
+/* Tie a context to its configuration, for the session cache. */
+void
+tls_ctx_bind(SSL_CTX *ctx, struct proxy_config *c)
+{
+	SSL_CTX_set_app_data(ctx, c);
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT |
+	    SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
+}
+
+/*
  * The trust store arrives as PEM bytes: the sandboxed proxy cannot open
  * files, so the supervisor passes the destination's CA file (or the
  * system bundle) as an open descriptor, read before use.
@@ -70,6 +97,8 @@ tls_ssl_new(struct proxy_config *c)
 
 	if ((ssl = SSL_new(c->ssl_ctx)) == NULL)
 		return NULL;
+	if (c->ssl_session != NULL)
+		SSL_set_session(ssl, c->ssl_session);
 	is_ip = inet_pton(AF_INET, c->host, addr) == 1 ||
 	    inet_pton(AF_INET6, c->host, addr) == 1;
 	if (!is_ip)

@@ -41,7 +41,7 @@ def main():
     if not unit:
         print("no unit test results were written")
         failed += 1
-    if not any(os.path.basename(f) == "integration.xml" for f in files):
+    if not any(os.path.basename(f).startswith("integration") for f in files):
         print("no integration test results were written")
         failed += 1
     reports = sorted(glob.glob(os.path.join(san_dir, "*")))
