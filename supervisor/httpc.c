@@ -29,7 +29,9 @@ struct httpc_req {
 	int			 hr_too_big;
 	char			 hr_err[CURL_ERROR_SIZE];
 	httpc_cb		 hr_cb;
+	httpc_line_cb		 hr_line_cb;	/* streaming: one call per line */
 	void			*hr_arg;
+	int			 hr_cancelled;
 };
 
 struct httpc_sock {
@@ -43,12 +45,36 @@ static struct curl_slist	*resolve_list;
 
 static void	httpc_check_done(void);
 
+/* Streaming: hand over every complete line, keep the rest. */
+static void
+httpc_lines(struct httpc_req *r)
+{
+	char	*nl, *start = r->hr_resp;
+	size_t	 used;
+
+	while (!r->hr_cancelled &&
+	    (nl = memchr(start, '\n', r->hr_len - (start - r->hr_resp))) != NULL) {
+		*nl = '\0';
+		r->hr_line_cb(start, nl - start, r->hr_arg);
+		start = nl + 1;
+	}
+	used = start - r->hr_resp;
+	if (used > 0) {
+		memmove(r->hr_resp, start, r->hr_len - used);
+		r->hr_len -= used;
+		r->hr_resp[r->hr_len] = '\0';
+	}
+}
+
 static size_t
 httpc_write(char *data, size_t size, size_t n, void *arg)
 {
 	struct httpc_req	*r = arg;
 	size_t			 len = size * n, cap;
 	char			*nb;
+
+	if (r->hr_cancelled)
+		return 0;
 
 	if (r->hr_len + len + 1 > HTTPC_MAX_BODY) {
 		r->hr_too_big = 1;
@@ -68,6 +94,14 @@ httpc_write(char *data, size_t size, size_t n, void *arg)
 	memcpy(r->hr_resp + r->hr_len, data, len);
 	r->hr_len += len;
 	r->hr_resp[r->hr_len] = '\0';
+	if (r->hr_line_cb != NULL) {
+		long	status = 0;
+
+		/* an error reply is read whole, as a normal request */
+		curl_easy_getinfo(r->hr_easy, CURLINFO_RESPONSE_CODE, &status);
+		if (status == 200)
+			httpc_lines(r);
+	}
 	return len;
 }
 
@@ -166,6 +200,8 @@ httpc_check_done(void)
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status);
 		err = NULL;
+		if (r->hr_cancelled)
+			continue;	/* httpc_reap_cb frees it */
 		if (msg->data.result != CURLE_OK)
 			err = r->hr_too_big ? "response too large" :
 			    r->hr_err[0] ? r->hr_err :
@@ -196,14 +232,15 @@ httpc_add_resolve(const char *entry)
 }
 
 /*
- * Start a request.  body (may be NULL) is sent as a form POST; user/pass
- * (may be NULL) as HTTP Basic; cert/key (PEM strings, may be NULL) for
- * mTLS.  cb runs later, exactly once, from the event loop.
+ * Start a request described by o.  A body is sent (form POST unless a method
+ * and content type say otherwise); user/pass as HTTP Basic; cert/key (PEM
+ * strings) for mTLS; cafile to verify the server.  cb runs later, exactly
+ * once, from the event loop; with o->line_cb a 200 reply is streamed to it
+ * line by line as it arrives and cb sees only what is left at the end.
+ * Returns a handle for httpc_cancel, or NULL.
  */
-int
-httpc_request(const char *url, const char *const *headers, const char *body,
-    const char *user, const char *pass, const char *cert, const char *key,
-    int timeout, httpc_cb cb, void *arg)
+struct httpc_req *
+httpc_start(const struct httpc_opts *o, httpc_cb cb, void *arg)
 {
 	struct httpc_req	*r;
 	size_t			 i;
@@ -211,37 +248,44 @@ httpc_request(const char *url, const char *const *headers, const char *body,
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
 	    (r->hr_easy = curl_easy_init()) == NULL) {
 		free(r);
-		return -1;
+		return NULL;
 	}
 	r->hr_cb = cb;
+	r->hr_line_cb = o->line_cb;
 	r->hr_arg = arg;
-	for (i = 0; headers != NULL && headers[i] != NULL; i++)
-		r->hr_headers = curl_slist_append(r->hr_headers, headers[i]);
-	curl_easy_setopt(r->hr_easy, CURLOPT_URL, url);
+	for (i = 0; o->headers != NULL && o->headers[i] != NULL; i++)
+		r->hr_headers = curl_slist_append(r->hr_headers, o->headers[i]);
+	curl_easy_setopt(r->hr_easy, CURLOPT_URL, o->url);
 	curl_easy_setopt(r->hr_easy, CURLOPT_PRIVATE, r);
 	curl_easy_setopt(r->hr_easy, CURLOPT_WRITEFUNCTION, httpc_write);
 	curl_easy_setopt(r->hr_easy, CURLOPT_WRITEDATA, r);
 	curl_easy_setopt(r->hr_easy, CURLOPT_ERRORBUFFER, r->hr_err);
-	curl_easy_setopt(r->hr_easy, CURLOPT_TIMEOUT, (long)timeout);
-	curl_easy_setopt(r->hr_easy, CURLOPT_CONNECTTIMEOUT, (long)timeout);
+	if (o->timeout > 0)
+		curl_easy_setopt(r->hr_easy, CURLOPT_TIMEOUT, (long)o->timeout);
+	curl_easy_setopt(r->hr_easy, CURLOPT_CONNECTTIMEOUT, 10L);
 	curl_easy_setopt(r->hr_easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(r->hr_easy, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(r->hr_easy, CURLOPT_HTTPHEADER, r->hr_headers);
 	if (resolve_list != NULL)
 		curl_easy_setopt(r->hr_easy, CURLOPT_RESOLVE, resolve_list);
-	if (body != NULL) {
-		r->hr_body = strdup(body);
+	if (o->cafile != NULL)
+		curl_easy_setopt(r->hr_easy, CURLOPT_CAINFO, o->cafile);
+	if (o->body != NULL) {
+		r->hr_body = strdup(o->body);
 		curl_easy_setopt(r->hr_easy, CURLOPT_POSTFIELDS, r->hr_body);
 	}
-	if (user != NULL) {
+	if (o->method != NULL)
+		curl_easy_setopt(r->hr_easy, CURLOPT_CUSTOMREQUEST, o->method);
+	if (o->user != NULL) {
 		curl_easy_setopt(r->hr_easy, CURLOPT_HTTPAUTH, CURLAUTH_BASIC);
-		curl_easy_setopt(r->hr_easy, CURLOPT_USERNAME, user);
-		curl_easy_setopt(r->hr_easy, CURLOPT_PASSWORD, pass ? pass : "");
+		curl_easy_setopt(r->hr_easy, CURLOPT_USERNAME, o->user);
+		curl_easy_setopt(r->hr_easy, CURLOPT_PASSWORD,
+		    o->pass ? o->pass : "");
 	}
-	if (cert != NULL && key != NULL) {
-		struct curl_blob	cb_cert = { (void *)cert, strlen(cert),
+	if (o->cert != NULL && o->key != NULL) {
+		struct curl_blob	cb_cert = { (void *)o->cert, strlen(o->cert),
 					    CURL_BLOB_COPY };
-		struct curl_blob	cb_key = { (void *)key, strlen(key),
+		struct curl_blob	cb_key = { (void *)o->key, strlen(o->key),
 					    CURL_BLOB_COPY };
 
 		curl_easy_setopt(r->hr_easy, CURLOPT_SSLCERT_BLOB, &cb_cert);
@@ -249,9 +293,50 @@ httpc_request(const char *url, const char *const *headers, const char *body,
 	}
 	if (curl_multi_add_handle(multi, r->hr_easy) != CURLM_OK) {
 		httpc_free(r);
-		return -1;
+		return NULL;
 	}
-	return 0;
+	return r;
+}
+
+static void
+httpc_reap_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	httpc_free(arg);
+}
+
+/*
+ * Stop a request: its callbacks will not run again.  It is freed from the
+ * event loop, since curl forbids removing a handle inside its callbacks,
+ * where a line callback may well decide to cancel.
+ */
+void
+httpc_cancel(struct httpc_req *r)
+{
+	if (r == NULL || r->hr_cancelled)
+		return;
+	r->hr_cancelled = 1;
+	event_base_once(sup->base, -1, EV_TIMEOUT, httpc_reap_cb, r,
+	    &(struct timeval){ 0, 0 });
+}
+
+/* The common case: one request, one callback. */
+int
+httpc_request(const char *url, const char *const *headers, const char *body,
+    const char *user, const char *pass, const char *cert, const char *key,
+    int timeout, httpc_cb cb, void *arg)
+{
+	struct httpc_opts	o;
+
+	memset(&o, 0, sizeof(o));
+	o.url = url;
+	o.headers = headers;
+	o.body = body;
+	o.user = user;
+	o.pass = pass;
+	o.cert = cert;
+	o.key = key;
+	o.timeout = timeout;
+	return httpc_start(&o, cb, arg) == NULL ? -1 : 0;
 }
 
 /* Percent-encode for a form body; the caller frees with secret_free. */

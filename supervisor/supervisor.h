@@ -200,7 +200,22 @@ void	 ports_release(const char *key);
 /* httpc.c */
 typedef void	(*httpc_cb)(long status, const char *body, size_t len,
 		    const char *err, void *arg);
+typedef void	(*httpc_line_cb)(const char *line, size_t len, void *arg);
+struct httpc_opts {
+	const char		*url;
+	const char		*method;	/* NULL: GET, or POST with a body */
+	const char *const	*headers;
+	const char		*body;
+	const char		*user, *pass;	/* HTTP Basic */
+	const char		*cert, *key;	/* mTLS, PEM */
+	const char		*cafile;
+	int			 timeout;	/* 0: none (watch streams) */
+	httpc_line_cb		 line_cb;
+};
+struct httpc_req;
 void	 httpc_init(void);
+struct httpc_req *httpc_start(const struct httpc_opts *, httpc_cb, void *);
+void	 httpc_cancel(struct httpc_req *);
 void	 httpc_add_resolve(const char *);
 int	 httpc_request(const char *url, const char *const *headers,
 	    const char *body, const char *user, const char *pass,
