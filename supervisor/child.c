@@ -426,8 +426,12 @@ service_start(struct service *sv)
 		evtimer_del(sv->sv_timer);
 	if (sv->sv_lfd == -1 && ports_bind(sv) == -1) {
 		sv->sv_state = SERVICE_FAILED;
-		service_set_error(sv, "cannot bind a listening socket: %s",
-		    strerror(errno));
+		if (errno == EAGAIN)
+			service_note_error(sv, "waiting for the leader to "
+			    "allocate this service's target port");
+		else
+			service_set_error(sv, "cannot bind a listening socket: %s",
+			    strerror(errno));
 		return -1;
 	}
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) == -1) {
@@ -486,6 +490,9 @@ service_update(struct service *sv, json_t *config, const char *ca)
 	    ((ca == NULL && sv->sv_ca == NULL) ||
 	    (ca != NULL && sv->sv_ca != NULL && strcmp(ca, sv->sv_ca) == 0))) {
 		json_decref(config);
+		/* nothing new, but a service that could not start tries again */
+		if (sv->sv_state == SERVICE_FAILED)
+			service_start(sv);
 		return;
 	}
 	json_decref(sv->sv_config);
@@ -561,6 +568,17 @@ service_backoff_cb(evutil_socket_t fd, short ev, void *arg)
 
 	if (!sup->stopping)
 		service_start(sv);
+}
+
+int
+services_port_in_use(int port)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_port == port && sv->sv_lfd != -1)
+			return 1;
+	return 0;
 }
 
 int

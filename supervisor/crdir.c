@@ -44,7 +44,8 @@ crdir_relevant(const struct inotify_event *ie)
 	if (ie->wd == crdir_wd)
 		return ie->len == 0 || crdir_wanted(ie->name);
 	if (ie->wd == dest_wd)
-		return ie->len > 0 && strcmp(ie->name, dest_base) == 0;
+		return ie->len > 0 && dest_base != NULL &&
+		    strcmp(ie->name, dest_base) == 0;
 	return 0;
 }
 
@@ -81,10 +82,17 @@ crdir_start(void)
 
 	if ((crdir_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC)) == -1)
 		fatal("inotify_init1");
-	if ((crdir_wd = inotify_add_watch(crdir_fd, sup->st.crs_dir, IN_CREATE | IN_DELETE |
+	if (sup->st.crs_dir != NULL &&
+	    (crdir_wd = inotify_add_watch(crdir_fd, sup->st.crs_dir, IN_CREATE | IN_DELETE |
 	    IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_MODIFY |
 	    IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)) == -1)
 		fatal("cannot watch %s", sup->st.crs_dir);
+	crdir_ev = event_new(sup->base, crdir_fd, EV_READ | EV_PERSIST,
+	    crdir_read_cb, NULL);
+	crdir_timer = evtimer_new(sup->base, crdir_timer_cb, NULL);
+	event_add(crdir_ev, NULL);
+	if (sup->st.destinations == NULL)
+		return;
 	/* watch the destinations file's directory: editors replace files */
 	d1 = strdup(sup->st.destinations);
 	d2 = strdup(sup->st.destinations);
@@ -95,10 +103,6 @@ crdir_start(void)
 		log_warn("cannot watch the directory of %s", sup->st.destinations);
 	free(d1);
 	free(d2);
-	crdir_ev = event_new(sup->base, crdir_fd, EV_READ | EV_PERSIST,
-	    crdir_read_cb, NULL);
-	crdir_timer = evtimer_new(sup->base, crdir_timer_cb, NULL);
-	event_add(crdir_ev, NULL);
 }
 
 void

@@ -115,6 +115,8 @@ supervisor_signal_cb(evutil_socket_t sig, short ev, void *arg)
 	log_info("signal %d: stopping %d tenant proxies", (int)sig,
 	    services_alive());
 	sup->stopping = 1;
+	if (sup->st.kubernetes)
+		k8s_stop();
 	crdir_stop();
 	control_stop();
 	http_stop();
@@ -228,8 +230,10 @@ main(int argc, char *argv[])
 	TAILQ_INIT(&sup->retired);
 	sup->rejected = json_array();
 
-	if (stat(sup->st.crs_dir, &sb) == -1 || !S_ISDIR(sb.st_mode))
+	if (!sup->st.kubernetes && (stat(sup->st.crs_dir, &sb) == -1 ||
+	    !S_ISDIR(sb.st_mode)))
 		fatalx("--crs %s: not a directory", sup->st.crs_dir);
+
 	if (mkdir(sup->st.state_dir, 0700) == -1 && errno != EEXIST)
 		fatal("cannot create state directory %s", sup->st.state_dir);
 	if (access(sup->st.proxy_path, X_OK) == -1)
@@ -250,11 +254,15 @@ main(int argc, char *argv[])
 	destsvc_start();
 	control_start();
 	supervisor_drop_privileges();
+	if (sup->st.kubernetes)
+		k8s_start();
 	crdir_start();
 	if (http_start() == -1)
 		fatalx("cannot start the HTTP endpoint");
-	log_info("standalone mode: CRs in %s, destinations in %s, control %s",
-	    sup->st.crs_dir, sup->st.destinations, sup->st.control);
+	if (!sup->st.kubernetes)
+		log_info("standalone mode: CRs in %s, destinations in %s, "
+		    "control %s", sup->st.crs_dir, sup->st.destinations,
+		    sup->st.control);
 	reconcile_all();
 
 	event_base_dispatch(sup->base);

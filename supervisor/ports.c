@@ -101,8 +101,23 @@ int
 ports_bind(struct service *sv)
 {
 	json_t	*v = json_object_get(sup->ports, sv->sv_key);
-	int	 port, fd;
+	int	 port, fd, wait;
 
+	if (sup->st.kubernetes) {
+		/* the proxy-namespace Service records the port */
+		if ((port = k8s_port_for(sv, &wait)) <= 0) {
+			errno = wait ? EAGAIN : EADDRNOTAVAIL;
+			return -1;
+		}
+		if ((fd = bind_port(port)) == -1) {
+			log_warn("service %s: cannot bind %s:%d", sv->sv_key,
+			    sup->st.listen_address, port);
+			return -1;
+		}
+		sv->sv_port = port;
+		sv->sv_lfd = fd;
+		return 0;
+	}
 	if (v != NULL) {
 		port = json_integer_value(v);
 		if ((fd = bind_port(port)) == -1) {

@@ -135,6 +135,52 @@ reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *msg)
 	    "error", msg, "source", cr->cr_source));
 }
 
+/*
+ * Kubernetes: the Service names a CR implies live in the proxy's namespace
+ * too, where two namespaces' CRs of one name would collide, and where (or
+ * in the CR's namespace) a foreign Service may already have the name.
+ */
+static const char *
+reconcile_k8s_name(struct cr *cr, const char *name, char *msg, size_t msgsz)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_desired && !sv->sv_remove &&
+		    strcmp(sv->sv_name, name) == 0 &&
+		    strcmp(sv->sv_namespace, cr->cr_namespace) != 0) {
+			snprintf(msg, msgsz, "a Destination CR named %s in "
+			    "namespace %s already uses the service name %s",
+			    sv->sv_cr, sv->sv_namespace, name);
+			return "ConfigurationError-DuplicateDestinationCustomResource";
+		}
+	if (k8s_clash(sup->st.namespace, name) ||
+	    k8s_clash(cr->cr_namespace, name)) {
+		snprintf(msg, msgsz, "a Kubernetes Service named %s that tpmail "
+		    "does not own already exists", name);
+		return R_NAME_PRESENT;
+	}
+	return NULL;
+}
+
+static struct event	*reconcile_ev;
+
+static void
+reconcile_ev_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	reconcile_all();
+}
+
+/* Reconcile soon, once, however many changes arrive meanwhile. */
+void
+reconcile_schedule(void)
+{
+	if (reconcile_ev == NULL)
+		reconcile_ev = evtimer_new(sup->base, reconcile_ev_cb, NULL);
+	if (!evtimer_pending(reconcile_ev, NULL))
+		event_add(reconcile_ev, &(struct timeval){ 0, 50000 });
+}
+
 /* The Destination service instance of a CR: its own, or the default. */
 static const char *
 reconcile_instance(struct cr *cr)
@@ -205,6 +251,9 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 			reason = R_NAME_PRESENT;
 			goto tenant_failed;
 		}
+		if (sup->st.kubernetes && (reason = reconcile_k8s_name(cr, name,
+		    msg, sizeof(msg))) != NULL)
+			goto tenant_failed;
 		stale = NULL;
 		resolved = NULL;
 		r = reconcile_lookup(cr, tenant ? tenant : TPMAIL_PROVIDER_TENANT,
@@ -329,7 +378,8 @@ reconcile_all(void)
 
 	if (sup->stopping)
 		return;
-	dests = destinations_load(sup->st.destinations, err, sizeof(err));
+	dests = sup->st.destinations == NULL ? json_object() :
+	    destinations_load(sup->st.destinations, err, sizeof(err));
 	if (dests == NULL) {
 		sup->destination_errors++;
 		log_warnx("destinations file %s: %s%s", sup->st.destinations, err,
@@ -340,7 +390,8 @@ reconcile_all(void)
 		json_decref(sup->destinations);
 		sup->destinations = dests;
 	}
-	crs = crdir_load(&n, rejected);
+	crs = sup->st.kubernetes ? k8s_load_crs(&n, rejected) :
+	    crdir_load(&n, rejected);
 	TAILQ_FOREACH(sv, &sup->services, sv_entry)
 		sv->sv_desired = 0;
 	for (i = 0; i < n; i++)
@@ -356,7 +407,9 @@ reconcile_all(void)
 	json_decref(sup->rejected);
 	sup->rejected = rejected;
 	sup->reconciles++;
-	sup->synced = 1;
+	sup->synced = !sup->st.kubernetes || k8s_synced();
+	if (sup->st.kubernetes)
+		k8s_after_reconcile();
 	log_debug("reconciled: %zu CRs, %zu rejected", n,
 	    json_array_size(rejected));
 }

@@ -22,7 +22,9 @@ enum {
 	OPT_AUTH, OPT_MAX_SESSIONS, OPT_MAX_LINE, OPT_MAX_BUFFER, OPT_GRACE,
 	OPT_BACKOFF_MAX, OPT_UID_BASE, OPT_SANDBOX, OPT_SYSTEM_CA, OPT_HTTP,
 	OPT_LOG_FORMAT, OPT_SERVICE_KEYS, OPT_DEFAULT_INSTANCE, OPT_POLL,
-	OPT_CONN_PROXY, OPT_CONN_KEY, OPT_RESOLVE, OPT_HELP,
+	OPT_CONN_PROXY, OPT_CONN_KEY, OPT_RESOLVE, OPT_KUBERNETES, OPT_KUBE_API,
+	OPT_KUBE_CA, OPT_KUBE_TOKEN, OPT_NAMESPACE, OPT_POD_SELECTOR,
+	OPT_WATCH_NS, OPT_IDENTITY, OPT_LEASE, OPT_ALLOW_LOOPBACK, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -54,6 +56,16 @@ static const struct option long_opts[] = {
 	{ "connectivity-proxy", required_argument, NULL, OPT_CONN_PROXY },
 	{ "connectivity-key", required_argument, NULL, OPT_CONN_KEY },
 	{ "resolve", required_argument, NULL, OPT_RESOLVE },
+	{ "kubernetes", no_argument, NULL, OPT_KUBERNETES },
+	{ "kube-api", required_argument, NULL, OPT_KUBE_API },
+	{ "kube-ca", required_argument, NULL, OPT_KUBE_CA },
+	{ "kube-token-file", required_argument, NULL, OPT_KUBE_TOKEN },
+	{ "namespace", required_argument, NULL, OPT_NAMESPACE },
+	{ "pod-selector", required_argument, NULL, OPT_POD_SELECTOR },
+	{ "watch-namespaces", required_argument, NULL, OPT_WATCH_NS },
+	{ "identity", required_argument, NULL, OPT_IDENTITY },
+	{ "lease-duration", required_argument, NULL, OPT_LEASE },
+	{ "allow-loopback", no_argument, NULL, OPT_ALLOW_LOOPBACK },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -113,6 +125,13 @@ usage(FILE *f)
 "  --connectivity-proxy HOST:PORT  the connectivity proxy's SOCKS5 (OnPremise)\n"
 "  --connectivity-key FILE         its service key (tokens per tenant)\n"
 "  --resolve HOST:PORT:ADDR        as curl's --resolve, for control-plane URLs\n"
+"\n"
+"Kubernetes mode: tpmaild --kubernetes [--kube-api URL --kube-ca FILE\n"
+"  --kube-token-file FILE] [--namespace NS] [--pod-selector k=v,...]\n"
+"  [--watch-namespaces a,b] [--identity ID] [--lease-duration SEC]\n"
+"  [--allow-loopback] [--destinations FILE] ...  (in-cluster defaults from the\n"
+"  service account; CRs from the API server; Services, status and a Lease)\n"
+"\n"
 "  --http ADDR:PORT       serve /healthz, /readyz and /metrics (e.g. 127.0.0.1:9494)\n"
 "  --system-ca FILE       CA bundle for destinations without their own CA file\n"
 "                         (default /etc/ssl/certs/ca-certificates.crt)\n");
@@ -192,6 +211,41 @@ settings_apply(struct settings *st, int opt, const char *val)
 		else
 			return -1;
 		return 0;
+	case OPT_KUBERNETES:
+		st->kubernetes = strcmp(val, "false") != 0;
+		return 0;
+	case OPT_ALLOW_LOOPBACK:
+		st->allow_loopback_set = strcmp(val, "false") == 0 ? -1 : 1;
+		return 0;
+	case OPT_KUBE_API:
+		free(st->kube_api);
+		st->kube_api = strdup(val);
+		return 0;
+	case OPT_KUBE_CA:
+		free(st->kube_ca);
+		st->kube_ca = strdup(val);
+		return 0;
+	case OPT_KUBE_TOKEN:
+		free(st->kube_token_file);
+		st->kube_token_file = strdup(val);
+		return 0;
+	case OPT_NAMESPACE:
+		free(st->namespace);
+		st->namespace = strdup(val);
+		return 0;
+	case OPT_POD_SELECTOR:
+		free(st->pod_selector);
+		st->pod_selector = strdup(val);
+		return 0;
+	case OPT_WATCH_NS:
+		free(st->watch_namespaces);
+		st->watch_namespaces = strdup(val);
+		return 0;
+	case OPT_IDENTITY:
+		free(st->identity);
+		st->identity = strdup(val);
+		return 0;
+	case OPT_LEASE: return parse_int(val, 2, 3600, &st->lease_duration);
 	case OPT_SERVICE_KEYS:
 		free(st->service_keys);
 		st->service_keys = strdup(val);
@@ -275,7 +329,9 @@ settings_file(struct settings *st, const char *path)
 				snprintf(num, sizeof(num), "%lld",
 				    (long long)json_integer_value(v));
 				val = num;
-			} else
+			} else if (json_is_boolean(v))
+				val = json_is_true(v) ? "true" : "false";
+			else
 				val = (char *)json_string_value(v);
 			if (val == NULL || settings_apply(st, long_opts[i].val,
 			    val) == -1) {
@@ -293,6 +349,67 @@ settings_file(struct settings *st, const char *path)
 		}
 	}
 	json_decref(docs);
+	return 0;
+}
+
+#define SA_DIR	"/var/run/secrets/kubernetes.io/serviceaccount"
+
+static char *
+read_small(const char *path)
+{
+	char	buf[512], err[128], *b;
+	size_t	len;
+
+	if ((b = yaml_json_read_file(path, &len, err, sizeof(err))) == NULL)
+		return NULL;
+	while (len > 0 && (b[len - 1] == '\n' || b[len - 1] == ' '))
+		len--;
+	snprintf(buf, sizeof(buf), "%.*s", (int)len, b);
+	free(b);
+	return strdup(buf);
+}
+
+/* In-cluster defaults for what the flags left unset. */
+static int
+settings_kubernetes(struct settings *st)
+{
+	const char	*h = getenv("KUBERNETES_SERVICE_HOST");
+	const char	*p = getenv("KUBERNETES_SERVICE_PORT");
+	const char	*pod = getenv("POD_NAME");
+	char		 host[256];
+
+	if (st->kube_api == NULL) {
+		if (h == NULL) {
+			fprintf(stderr, "tpmaild: --kubernetes: no --kube-api and "
+			    "no KUBERNETES_SERVICE_HOST\n");
+			return -1;
+		}
+		if (asprintf(&st->kube_api, strchr(h, ':') ? "https://[%s]:%s" :
+		    "https://%s:%s", h, p ? p : "443") == -1)
+			return -1;
+	}
+	if (st->kube_ca == NULL && access(SA_DIR "/ca.crt", R_OK) == 0)
+		st->kube_ca = strdup(SA_DIR "/ca.crt");
+	if (st->kube_token_file == NULL && access(SA_DIR "/token", R_OK) == 0)
+		st->kube_token_file = strdup(SA_DIR "/token");
+	if (st->namespace == NULL)
+		st->namespace = read_small(SA_DIR "/namespace");
+	if (st->namespace == NULL) {
+		fprintf(stderr, "tpmaild: --kubernetes needs --namespace (the "
+		    "proxy's own)\n");
+		return -1;
+	}
+	if (st->identity == NULL) {
+		/* unique per replica: the pod's name, else the host's and pid */
+		if (pod != NULL && pod[0] != '\0')
+			st->identity = strdup(pod);
+		else {
+			gethostname(host, sizeof(host));
+			host[sizeof(host) - 1] = '\0';
+			if (asprintf(&st->identity, "%s-%d", host, (int)getpid()) == -1)
+				return -1;
+		}
+	}
 	return 0;
 }
 
@@ -340,6 +457,7 @@ settings_load(struct settings *st, int argc, char **argv)
 	st->allow_loopback = 1;		/* standalone mode */
 	st->uid_base = 200000;
 	st->poll_interval = 180;
+	st->lease_duration = 15;
 	st->log_json = !isatty(STDERR_FILENO);
 	st->system_ca = strdup("/etc/ssl/certs/ca-certificates.crt");
 
@@ -359,7 +477,7 @@ settings_load(struct settings *st, int argc, char **argv)
 		}
 		if (opt == OPT_CONFIG)
 			continue;
-		if (settings_apply(st, opt, optarg) == -1) {
+		if (settings_apply(st, opt, optarg ? optarg : "true") == -1) {
 			fprintf(stderr, "tpmaild: invalid value for --%s: %s\n",
 			    opt_key(opt), optarg);
 			return -1;
@@ -369,11 +487,18 @@ settings_load(struct settings *st, int argc, char **argv)
 		usage(stderr);
 		return -1;
 	}
-	if (st->crs_dir == NULL || st->destinations == NULL) {
-		fprintf(stderr, "tpmaild: --crs and --destinations are required\n");
+	if (st->kubernetes) {
+		if (settings_kubernetes(st) == -1)
+			return -1;
+	} else if (st->crs_dir == NULL || st->destinations == NULL) {
+		fprintf(stderr, "tpmaild: --crs and --destinations are required "
+		    "(or --kubernetes)\n");
 		usage(stderr);
 		return -1;
 	}
+	/* loopback mail servers: fine standalone, refused in a cluster */
+	st->allow_loopback = st->allow_loopback_set ? st->allow_loopback_set > 0 :
+	    !st->kubernetes;
 	if (st->control == NULL && asprintf(&st->control, "%s/control.sock",
 	    st->state_dir) == -1)
 		return -1;
@@ -406,5 +531,12 @@ settings_free(struct settings *st)
 	free(st->connectivity_proxy);
 	free(st->connectivity_key);
 	json_decref(st->resolve);
+	free(st->kube_api);
+	free(st->kube_ca);
+	free(st->kube_token_file);
+	free(st->namespace);
+	free(st->pod_selector);
+	free(st->watch_namespaces);
+	free(st->identity);
 	memset(st, 0, sizeof(*st));
 }

@@ -58,6 +58,16 @@ struct settings {
 	char	*connectivity_proxy;	/* HOST:PORT of its SOCKS5 endpoint */
 	char	*connectivity_key;	/* its service key file */
 	json_t	*resolve;		/* HOST:PORT:ADDR strings (curl --resolve) */
+	int	 kubernetes;		/* CRs from the API server, not files */
+	char	*kube_api;
+	char	*kube_ca;
+	char	*kube_token_file;
+	char	*namespace;		/* the proxy's own */
+	char	*pod_selector;		/* k=v,... of the tpmail pods */
+	char	*watch_namespaces;	/* a,b,... or NULL: all */
+	char	*identity;		/* for the Lease */
+	int	 lease_duration;
+	int	 allow_loopback_set;	/* 1 / -1 when given, 0 for the default */
 };
 
 /* One validated Destination CR. */
@@ -176,6 +186,17 @@ struct cr **crdir_load(size_t *, json_t *);
 
 /* reconcile.c */
 void	 reconcile_all(void);
+void	 reconcile_schedule(void);
+
+/* k8s.c */
+void	 k8s_start(void);
+void	 k8s_stop(void);
+int	 k8s_is_leader(void);
+int	 k8s_synced(void);
+struct cr **k8s_load_crs(size_t *, json_t *);
+int	 k8s_port_for(struct service *, int *wait);
+int	 k8s_clash(const char *ns, const char *name);
+void	 k8s_after_reconcile(void);
 
 /* child.c */
 struct service	*service_new(const char *ns, const char *name, const char *cr,
@@ -189,6 +210,7 @@ void	 service_free(struct service *);
 void	 child_reap(void);
 const char *service_state_name(enum service_state);
 int	 services_alive(void);
+int	 services_port_in_use(int);
 void	 service_note_error(struct service *, const char *);
 void	 services_set_log_level(int);
 
