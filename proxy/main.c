@@ -37,7 +37,15 @@ static size_t	 pending_ca_len;
 static void
 proxy_send(int type, json_t *body)
 {
-	if (msg_send(proxy->chan, type, body, -1) == -1 && errno != EPIPE)
+	static int	warned;
+
+	/*
+	 * A stopped or busy supervisor fills the channel: counters are sent
+	 * again with the next change, so a full channel only costs a warning
+	 * (once) instead of blocking the sessions.
+	 */
+	if (msg_send(proxy->chan, type, body, -1) == -1 && errno != EPIPE &&
+	    ((errno != EAGAIN && errno != EWOULDBLOCK) || !warned++))
 		log_warn("channel send %s", msg_type_name(type));
 	json_decref(body);
 }

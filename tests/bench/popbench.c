@@ -25,6 +25,9 @@
  *   -S SEC           per-session timeout (default 30)
  *   -T SEC           hard bound on the whole run (default 120)
  *   -H SEC           idle: longest hold (default 60)
+ *   -b BYTES         SO_RCVBUF of the client sockets (default: the
+ *                    kernel's autotuning); the slow reader uses it to model a
+ *                    client whose window is small
  *
  * The result is one JSON object on stdout's last line; diagnostics go to
  * stderr.  Exit status 0 when every session succeeded, 1 otherwise, 2 on
@@ -86,6 +89,7 @@ static long		 total = 1;
 static double		 duration = 1, sess_timeout = 30, run_timeout = 120;
 static double		 hold = 60, slow_rate = 65536, slow_secs = 2;
 static long long	 expect = -1;
+static int		 rcvbuf;
 
 static SSL_CTX		*ctx;
 static int		 ep;
@@ -119,7 +123,8 @@ usage(void)
 {
 	fprintf(stderr, "usage: popbench retr|setup|idle|slow [-c C] [-n N] "
 	    "[-d SEC] [-u USER -p PASS] [-s] [-C CAFILE] [-m N] [-e BYTES] "
-	    "[-r BYTES/S] [-t SEC] [-S SEC] [-T SEC] [-H SEC] HOST PORT\n");
+	    "[-r BYTES/S] [-t SEC] [-b BYTES] [-S SEC] [-T SEC] [-H SEC] "
+	    "HOST PORT\n");
 	exit(2);
 }
 
@@ -201,6 +206,8 @@ conn_start(struct conn *c)
 		return -1;
 	}
 	setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (rcvbuf > 0)
+		setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
 	started++;
 	inflight++;
 	c->t0 = now();
@@ -659,8 +666,9 @@ main(int argc, char **argv)
 	else
 		usage();
 	optind = 2;
-	while ((opt = getopt(argc, argv, "c:n:d:u:p:sC:m:e:r:t:S:T:H:")) != -1) {
+	while ((opt = getopt(argc, argv, "b:c:n:d:u:p:sC:m:e:r:t:S:T:H:")) != -1) {
 		switch (opt) {
+		case 'b': rcvbuf = atoi(optarg); break;
 		case 'c': conc = atoi(optarg); break;
 		case 'n': total = atol(optarg); break;
 		case 'd': duration = atof(optarg); break;

@@ -18,7 +18,8 @@ is False); 03 the location id is not configured for the token's tenant;
 04 no route for the virtual host:port (or the backend refuses); 07 a
 command other than CONNECT; 08 an address type other than 01/03; else 00
 and bytes are relayed both ways until either side closes.  The BND address
-is IPv4 by default; ``reply_atyp="domain"`` answers with a domain instead
+is IPv4 by default (the first ``HEAD_BYTES`` relayed each way are kept in
+the record as ``head_up`` / ``head_down``); ``reply_atyp="domain"`` answers with a domain instead
 (a client must skip it by its length, as SAP's example does).
 
 Script: ``python3 socks5.py --token-introspect URL --route
@@ -48,6 +49,7 @@ REP_NAMES = {0: "succeeded", 1: "general failure", 2: "forbidden", 3: "network u
              4: "host unreachable", 5: "connection refused", 7: "command not supported",
              8: "address type not supported"}
 HANDSHAKE_TIMEOUT = 10.0
+HEAD_BYTES = 512                        # kept of each direction, for tests
 MAX_TOKEN = 64 * 1024
 
 
@@ -125,7 +127,8 @@ class Socks5Proxy:
         rec = {"time": time.time(), "greeting": None, "auth_version": None, "token": None,
                "tenant": None, "location_raw": None, "location": None, "cmd": None,
                "atyp": None, "host": None, "port": None, "rep": None, "error": None,
-               "bytes_up": 0, "bytes_down": 0, "done": False}
+               "bytes_up": 0, "bytes_down": 0, "head_up": b"", "head_down": b"",
+               "done": False}
         with self.lock:
             self.connections.append(rec)
         up = None
@@ -225,6 +228,7 @@ class Socks5Proxy:
         open_in = {c: True, up: True}
         peer = {c: up, up: c}
         key = {c: "bytes_up", up: "bytes_down"}
+        head = {c: "head_up", up: "head_down"}
         last = time.monotonic()
         while any(open_in.values()) and not self.server.closing.is_set():
             rl = [s for s, o in open_in.items() if o]
@@ -248,6 +252,8 @@ class Socks5Proxy:
                         pass
                     continue
                 rec[key[s]] += len(d)
+                if len(rec[head[s]]) < HEAD_BYTES:
+                    rec[head[s]] += d[:HEAD_BYTES - len(rec[head[s]])]
                 try:
                     peer[s].sendall(d)
                 except OSError:
