@@ -215,10 +215,11 @@ proxy_test_syscall(json_t *body)
 	if (name == NULL)
 		return;
 	log_warnx("test: calling forbidden %s", name);
+	/* the parent's pid was taken before the filter: getppid is not allowed */
 	if (strcmp(name, "ptrace") == 0)
-		r = ptrace(PTRACE_ATTACH, getppid(), NULL, NULL);
+		r = ptrace(PTRACE_ATTACH, proxy->ppid, NULL, NULL);
 	else if (strcmp(name, "kill") == 0)
-		r = kill(getppid(), 0);
+		r = kill(proxy->ppid, 0);
 	else if (strcmp(name, "execve") == 0)
 		r = execve("/bin/true", (char *[]){ "true", NULL }, NULL);
 	else if (strcmp(name, "openat") == 0)
@@ -226,7 +227,7 @@ proxy_test_syscall(json_t *body)
 	else if (strcmp(name, "socket_unix") == 0)
 		r = socket(AF_UNIX, SOCK_STREAM, 0);
 	else if (strcmp(name, "process_vm_readv") == 0)
-		r = syscall(SYS_process_vm_readv, getppid(), NULL, 0, NULL, 0, 0);
+		r = syscall(SYS_process_vm_readv, proxy->ppid, NULL, 0, NULL, 0, 0);
 	else if (strcmp(name, "setuid") == 0)
 		r = setuid(0);
 	snprintf(buf, sizeof(buf), "test syscall %s returned %ld errno %d", name,
@@ -418,6 +419,7 @@ main(int argc, char *argv[])
 	if ((proxy = calloc(1, sizeof(*proxy))) == NULL)
 		fatal("calloc");
 	proxy->chan = PROTO_CHANNEL_FD;
+	proxy->ppid = getppid();
 	if (proxy_check_channel(proxy->chan) == -1)
 		fatalx("no channel on fd %d: tpmail-pop3 is started by tpmaild",
 		    PROTO_CHANNEL_FD);

@@ -107,6 +107,7 @@ struct proxy {
 	struct event		*accept_pause;
 	struct event		*drain_timer;
 	int			 chan;
+	pid_t			 ppid;		/* tpmaild */
 	int			 draining;
 	unsigned int		 active;
 	unsigned long		 total;

@@ -9,6 +9,12 @@ and memory) and, for the syscall tests, a build configured with
 -Dsandbox_testing=true.  The unprivileged tpmaild runs as nobody via
 setpriv from a fresh 0755 dir under the system temp dir (pytest's basetemp
 is 0700, which nobody cannot traverse).
+
+Which system call a seccomp kill was for is known only to the kernel: where
+its log holds the audit record of the kill (type 1326, readable with dmesg)
+the syscall tests also check that the trigger died of the call it names;
+elsewhere that one check is left out.  In sanitizer builds mlock is a no-op
+(ASan intercepts it), so the "locked" checks of the vault are left out there.
 """
 
 import grp
@@ -24,7 +30,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 
 import pytest
 
