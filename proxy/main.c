@@ -137,7 +137,7 @@ proxy_drain(int grace, const char *why)
 	log_info("draining (%s): %u sessions open, grace %d s", why,
 	    proxy->active, grace);
 	listener_stop();
-	if (proxy->active == 0) {
+	if (proxy->active == 0 || grace == 0) {
 		event_base_loopexit(proxy->base, NULL);
 		return;
 	}
@@ -271,8 +271,11 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 		log_info("configuration updated");
 		break;
 	case MSG_DRAIN:
-		grace = json_integer_value(json_object_get(m.body, "grace"));
-		proxy_drain(grace > 0 ? (int)grace : PARAM_DRAIN_GRACE, "asked");
+		/* grace 0 is a hard stop: open sessions are cut now */
+		grace = json_is_integer(json_object_get(m.body, "grace")) ?
+		    json_integer_value(json_object_get(m.body, "grace")) :
+		    PARAM_DRAIN_GRACE;
+		proxy_drain(grace >= 0 ? (int)grace : PARAM_DRAIN_GRACE, "asked");
 		break;
 	case MSG_STATS_REQ:
 		proxy_send_stats();

@@ -829,6 +829,7 @@ child_reap(void)
 		if (sv->sv_timer == NULL)
 			sv->sv_timer = evtimer_new(sup->base, service_backoff_cb, sv);
 		event_add(sv->sv_timer, &(struct timeval){ sv->sv_backoff, 0 });
+		sv->sv_backoff_now = sv->sv_backoff;
 		sv->sv_backoff *= 2;
 		if (sv->sv_backoff > sup->st.backoff_max)
 			sv->sv_backoff = sup->st.backoff_max;

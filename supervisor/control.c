@@ -112,8 +112,8 @@ control_status_req(json_t *req)
 	if ((sv = control_find(key)) == NULL)
 		return json_pack("{s:s+}", "error", "no such service: ", key);
 	one = control_service(sv);
-	json_object_set(one, "recent_errors", sv->sv_errors ? sv->sv_errors :
-	    json_array());
+	json_object_set_new(one, "recent_errors", sv->sv_errors ?
+	    json_incref(sv->sv_errors) : json_array());
 	json_object_set_new(one, "started", json_integer(sv->sv_started));
 	return json_pack("{s:o}", "service", one);
 }

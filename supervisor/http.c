@@ -298,7 +298,7 @@ http_metrics(struct evhttp_request *req, void *arg)
 	TAILQ_FOREACH(sv, &sup->services, sv_entry) {
 		labels(sv, lab, sizeof(lab));
 		evbuffer_add_printf(b, "tpmail_service_backoff_seconds{%s} %d\n", lab,
-		    sv->sv_state == SERVICE_BACKOFF ? sv->sv_backoff : 0);
+		    sv->sv_state == SERVICE_BACKOFF ? sv->sv_backoff_now : 0);
 	}
 	head(b, "tpmail_reconcile_total", "counter",
 	    "Reconcile passes of CRs and destinations.");

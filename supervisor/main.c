@@ -61,6 +61,7 @@ supervisor_reload(void)
 	if (settings_load(&ns, sup->argc, sup->argv) == -1) {
 		log_warnx("SIGHUP: the configuration does not load; keeping the "
 		    "current one");
+		settings_free(&ns);
 		return;
 	}
 	if (strcmp(ns.crs_dir, st->crs_dir) || strcmp(ns.destinations,
@@ -268,6 +269,8 @@ main(int argc, char *argv[])
 	event_base_dispatch(sup->base);
 
 	log_info("all tenant proxies stopped; exiting");
+	/* a late signal must not kill us between here and exit(0) */
+	sigprocmask(SIG_BLOCK, &mask, NULL);
 	for (i = 0; i < 4; i++)
 		event_free(sigs[i]);
 	if (stop_timer != NULL)

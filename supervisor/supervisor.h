@@ -115,6 +115,7 @@ struct service {
 	enum service_state	 sv_state;
 	int			 sv_restarts;
 	int			 sv_backoff;	/* seconds, next delay */
+	int			 sv_backoff_now; /* the delay being waited out */
 	int			 sv_desired;	/* reconcile mark */
 	int			 sv_remove;	/* drop once the child is gone */
 	time_t			 sv_started;

@@ -152,6 +152,28 @@ def ctl_text(r):
                                               r.stderr.decode(errors="replace"))
 
 
+def sanitizer_file_report(pid):
+    """A sanitizer report that process ``pid`` wrote to ASAN_OPTIONS /
+    UBSAN_OPTIONS log_path (as scripts/test sets it), or ""."""
+    out = []
+    for var in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+        m = re.search(r"(?:^|:)log_path=([^:]+)", os.environ.get(var, ""))
+        if m:
+            try:
+                with open("%s.%d" % (m.group(1), pid), errors="replace") as f:
+                    out.append(f.read()[:6000])
+            except OSError:
+                pass
+    return "\n".join(out)
+
+
+def stop_clean(t, timeout=20):
+    """SIGTERM tpmaild; it must exit 0 (a sanitizer build exits 1 on a leak)."""
+    rc = t.stop(signal.SIGTERM, timeout=timeout)
+    assert rc == 0, "tpmaild exit code after SIGTERM: %r\n%s" % (rc, sanitizer_file_report(t.pid))
+    return rc
+
+
 def tpmaild_with_http(tpmaild_factory, args=(), **kw):
     hp = free_http_port()
     t = tpmaild_factory(args=["--http", "%s:%d" % (th.HOST, hp)] + list(args), **kw)
@@ -215,8 +237,10 @@ class Load:
     with -ERR [SYS/TEMP]); failed (anything else: a wrong reply or wrong
     data, a timeout)."""
 
-    def __init__(self, name, port, msgs, retr, threads=4, per_thread=40, max_seconds=60):
+    def __init__(self, name, port, msgs, retr, threads=4, per_thread=300, max_seconds=60,
+                 every_10=None):
         self.name = name
+        self.every_10 = every_10        # called after every 10th session (e.g. a cleanup)
         self.port = port
         self.stat = stat_line(msgs)
         self.retr = retr
@@ -285,6 +309,9 @@ class Load:
                     self.per_client[i] += 1
                 else:
                     self.problems.append((round(time.monotonic(), 3), kind, detail))
+                tenth = sum(self.counts.values()) % 10 == 0
+            if tenth and self.every_10 is not None:
+                self.every_10()
 
     def start(self):
         for i in range(self.nthreads):
@@ -310,6 +337,26 @@ class Load:
 
     def report(self):
         return "%s: %r; problems: %r" % (self.name, self.counts, self.problems[:10])
+
+
+def rawlog_trimmer(dovecot, user):
+    """Drops the user's *.out rawlog files (what Dovecot sent: a copy of
+    every RETR), keeping the *.in ones (what the proxy sent), so that a
+    long load does not fill the disk."""
+    d = os.path.join(dovecot.mail_root, user, "rawlog")
+
+    def trim():
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return
+        for n in names:
+            if n.endswith(".out"):
+                try:
+                    os.unlink(os.path.join(d, n))
+                except OSError:
+                    pass
+    return trim
 
 
 @pytest.fixture
@@ -358,8 +405,10 @@ def test_graceful_restart_under_load(tpmaild_factory, dovecot, big_boxes):
     assert held.greeting.startswith(b"+OK"), held.greeting
     assert held.cmd("STAT") == stat_line(big_boxes["tenant-a-user"])
 
-    la = Load("tenant-a", pa, big_boxes["tenant-a-user"], 2, threads=4, per_thread=60).start()
-    lb = Load("tenant-b", pb, big_boxes["tenant-b-user"], 2, threads=2, per_thread=60).start()
+    la = Load("tenant-a", pa, big_boxes["tenant-a-user"], 2, threads=4,
+              every_10=rawlog_trimmer(dovecot, "tenant-a-user")).start()
+    lb = Load("tenant-b", pb, big_boxes["tenant-b-user"], 2, threads=2,
+              every_10=rawlog_trimmer(dovecot, "tenant-b-user")).start()
     old_pids = []
     try:
         la.wait_each_ok(1)
@@ -383,7 +432,7 @@ def test_graceful_restart_under_load(tpmaild_factory, dovecot, big_boxes):
                 assert held.cmd("QUIT").startswith(b"+OK")
                 held.close()
             done = la.counts["ok"]
-            wait_for(lambda: la.counts["ok"] >= done + 2, 20, interval=0.02,
+            wait_for(lambda: la.counts["ok"] >= done + 1, 20, interval=0.02,
                      what="tenant-a sessions after restart %d" % (i + 1))
     finally:
         la.stop()
@@ -432,8 +481,10 @@ def test_hard_restart_cuts_only_that_tenant(tpmaild_factory, dovecot, big_boxes)
     assert held.cmd("DELE 1").startswith(b"+OK")
     assert held.cmd("STAT") == stat_line(big_boxes[user][1:])   # deleted in this session
 
-    la = Load("tenant-a", pa, big_boxes[user], 2, threads=4, per_thread=40).start()
-    lb = Load("tenant-b", pb, big_boxes["tenant-b-user"], 2, threads=2, per_thread=60).start()
+    la = Load("tenant-a", pa, big_boxes[user], 2, threads=4,
+              every_10=rawlog_trimmer(dovecot, user)).start()
+    lb = Load("tenant-b", pb, big_boxes["tenant-b-user"], 2, threads=2,
+              every_10=rawlog_trimmer(dovecot, "tenant-b-user")).start()
     old_pids = []
     cut_after = None            # seconds from `restart --hard` to the held session's end
     first_old_alive = None      # the first old proxy, 5 s after its hard restart
@@ -460,7 +511,7 @@ def test_hard_restart_cuts_only_that_tenant(tpmaild_factory, dovecot, big_boxes)
                 first_old_alive = th.proc_alive(pid)
             pid = wait_running(t, SHARED_A, old_pid=pid)["pid"]
             done = la.counts["ok"]
-            wait_for(lambda: la.counts["ok"] >= done + 2, 20, interval=0.02,
+            wait_for(lambda: la.counts["ok"] >= done + 1, 20, interval=0.02,
                      what="tenant-a sessions after hard restart %d" % (i + 1))
     finally:
         la.stop()
@@ -543,12 +594,14 @@ def test_crash_backoff_and_restart_clears_it(tpmaild_factory, mailboxes):
         assert took >= delay - 0.2, "restarted after %.2f s, backoff was %d s" % (took, delay)
         pid = s["pid"]
 
-    # in the 3 s backoff: an operator restart serves at once
-    t0 = time.monotonic()
+    # in the 3 s backoff: an operator restart serves at once, well before
+    # the backoff would have ended (t0: the third kill)
     r = t.ctl("restart", key(SHARED_A))
     assert r.returncode == 0, ctl_text(r)
     s = wait_running(t, SHARED_A, timeout=START_TIMEOUT)
-    assert time.monotonic() - t0 < 2.5, "restart did not end the 3 s backoff"
+    took = time.monotonic() - t0
+    assert took < 3 - 0.3, "running %.2f s after the kill: restart did not end the 3 s backoff" \
+        % took
     assert s["restarts"] == 4, s
     quick_session(pa, box)
     m = scrape(hp)
@@ -768,9 +821,8 @@ def slow_proxy(tmp_path, bins, delay=1.5):
 def test_readyz_and_healthz(tpmaild_factory, bins, tmp_path, mailboxes):
     wrapper = slow_proxy(tmp_path, bins)
     t, hp = tpmaild_with_http(tpmaild_factory, args=["--proxy-path", wrapper], expect=[])
-    first = wait_for(lambda: (lambda r: r)(_try(http_get, hp, "/readyz")), 5, interval=0.02,
-                     what="the HTTP endpoint")
-    st, body = first
+    st, body = wait_for(lambda: _try(http_get, hp, "/readyz"), 5, interval=0.02,
+                        what="the HTTP endpoint")
     assert st == 503, (st, body)
     assert "starting" in body or "first sync" in body, body
     assert http_get(hp, "/healthz") == (200, "ok\n")
@@ -849,7 +901,7 @@ def test_sigterm_lets_open_sessions_finish(tpmaild_factory, dovecot, mailboxes):
         rc = "still running"
     took = time.monotonic() - t0
     t.stop()
-    assert rc == 0, rc
+    assert rc == 0, "tpmaild exit code after SIGTERM: %r\n%s" % (rc, sanitizer_file_report(t.pid))
     assert took < grace + 4, took
     assert not t.leftover_proxies(timeout=1)
     # the cut session committed nothing
@@ -924,6 +976,7 @@ def test_sighup_applies_new_limit(tpmaild_factory, tmp_path, mailboxes):
         for c in conns:
             c.close()
     assert t.services()[DEDICATED]["state"] == "running"
+    stop_clean(t)
 
 
 # --------------------------------------------------------------------------
@@ -990,8 +1043,7 @@ def test_logs_json_and_no_secrets(tpmaild_factory, dovecot, mailboxes):
     details = "".join(t.ctl("status", "--json", key(s)).stdout.decode()
                       for s in ("opsgood", "opswrong"))
     metrics = http_get(hp, "/metrics")[1]
-    rc = t.stop(signal.SIGTERM)
-    assert rc == 0
+    stop_clean(t)
     log = t.log_text()
 
     bad = [line for rec, line in log_records(log) if rec is None]
@@ -1146,7 +1198,7 @@ def test_tpmailctl_exit_codes_and_status(tpmaild_factory, bins, dovecot, mailbox
     quick_session(t.port(SHARED_B), mailboxes["tenant-b-user"])
 
     # tpmaild gone: 3
-    t.stop()
+    stop_clean(t)
     r = ctl("status")
     assert r.returncode == 3, ctl_text(r)
 
