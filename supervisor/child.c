@@ -308,9 +308,6 @@ service_dispatch(evutil_socket_t fd, short ev, void *arg)
 			sv->sv_sandbox = json_incref(json_object_get(m.body,
 			    "sandbox"));
 			sv->sv_state = SERVICE_RUNNING;
-			/* recovered: the history stays in recent errors */
-			free(sv->sv_error);
-			sv->sv_error = NULL;
 			log_info("service %s running: pid %d listening on %s:%d",
 			    sv->sv_key, (int)sv->sv_pid, sup->st.listen_address,
 			    sv->sv_port);
