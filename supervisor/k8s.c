@@ -67,6 +67,26 @@ static time_t		 lease_observed;
 static json_t		*clashes;	/* "ns/name" of foreign Services in the way */
 static json_t		*status_written; /* "ns/name" -> status we last wrote */
 static json_t		*lease_record;
+static json_t		*created_at;	/* "ns/name" -> when we last POSTed it */
+
+#define K8S_RECREATE_MIN	5	/* seconds between creates of one name */
+
+/*
+ * Whether to POST a Service now: not again within a few seconds, so that a
+ * stale view (an owner that is already gone, a garbage collector deleting
+ * what we create) cannot turn into a create loop.
+ */
+static int
+create_allowed(const char *key)
+{
+	json_t	*t = json_object_get(created_at, key);
+	time_t	 now = time(NULL);
+
+	if (t != NULL && now - (time_t)json_integer_value(t) < K8S_RECREATE_MIN)
+		return 0;
+	json_object_set_new(created_at, key, json_integer(now));
+	return 1;
+}
 
 static void	k8s_list(struct k8s_watch *);
 static void	k8s_watch_start(struct k8s_watch *);
@@ -366,7 +386,7 @@ watch_done(long status, const char *body, size_t len, const char *err,
     void *arg)
 {
 	struct k8s_watch	*w = arg;
-	char			 why[64];
+	char			 why[300];
 
 	w->kw_req = NULL;
 	if (status == 410) {
@@ -670,7 +690,7 @@ publish_service(struct service *sv, json_t *desired_names)
 	    "port", sv->sv_svc_port, "targetPort", sv->sv_port,
 	    "protocol", "TCP");
 	cur = k8s_own_service(sv->sv_name);
-	if (cur == NULL) {
+	if (cur == NULL && create_allowed(key)) {
 		snprintf(path, sizeof(path), "/api/v1/namespaces/%s/services",
 		    sup->st.namespace);
 		k8s_write("POST", path, want, NULL, key, "create Service");
@@ -681,7 +701,7 @@ publish_service(struct service *sv, json_t *desired_names)
 			    "service %s", sv->sv_name, sv->sv_key);
 			k8s_event(cr, "Normal", "ServiceCreated", msg);
 		}
-	} else {
+	} else if (cur != NULL) {
 		p = json_array_get(json_object_get(json_object_get(cur, "spec"),
 		    "ports"), 0);
 		same = json_integer_value(json_object_get(p, "port")) ==
@@ -724,6 +744,10 @@ publish_service(struct service *sv, json_t *desired_names)
 	    "targetPort", sv->sv_svc_port, "protocol", "TCP");
 	cur = json_object_get(svc_watch.kw_objects, key);
 	if (cur == NULL) {
+		if (!create_allowed(key)) {
+			json_decref(want);
+			return;
+		}
 		snprintf(path, sizeof(path), "/api/v1/namespaces/%s/services",
 		    sv->sv_namespace);
 		k8s_write("POST", path, want, NULL, key, "create Service");
@@ -788,26 +812,27 @@ cr_status(json_t *cr, json_t *rejected)
 		    json_array_size(names) > 1 ? "s" : "",
 		    json_array_size(names) > 1 ? "s" : "", buf,
 		    json_array_size(names) > 1 ? "are" : "is");
-		r = json_pack("{s:[{s:s,s:s,s:s,s:s,s:s}],s:o,s:o}",
+		r = json_pack("{s:[{s:s,s:s,s:s,s:s,s:s}],s:o}",
 		    "conditions", "type", "Available", "status", "True",
 		    "reason", "ConfigurationSuccessful", "message", m,
 		    "lastUpdateTime", now_rfc3339(ts, sizeof(ts)),
-		    "tenants", tenants, "services", names);
+		    "tenants", tenants);
 	} else {
 		char	m[1200];
 
 		snprintf(m, sizeof(m), "%s%s", strncmp(msg ? msg : "",
 		    "Technical connectivity", 22) == 0 ? "" :
 		    "Technical connectivity is not configured. ", msg ? msg : "");
-		r = json_pack("{s:[{s:s,s:s,s:s,s:s,s:s}],s:o,s:o}",
+		r = json_pack("{s:[{s:s,s:s,s:s,s:s,s:s}],s:o}",
 		    "conditions", "type", "Available", "status", "False",
 		    "reason", reason, "message", m,
 		    "lastUpdateTime", now_rfc3339(ts, sizeof(ts)),
-		    "tenants", tenants, "services", names);
+		    "tenants", tenants);
 	}
 	if ((gen = json_object_get(json_object_get(cr, "metadata"),
 	    "generation")) != NULL)
 		json_object_set(r, "observedGeneration", gen);
+	json_decref(names);
 	return r;
 }
 
@@ -839,7 +864,9 @@ publish_status(json_t *cr)
 	char		 key[600], path[800];
 	const char	*reason;
 
-	obj_key(cr, key, sizeof(key));
+	/* by uid: a CR deleted and created again is a new object */
+	snprintf(key, sizeof(key), "%s", meta_str(cr, "uid") ?
+	    meta_str(cr, "uid") : "");
 	cur = json_object_get(cr, "status");
 	if (status_same(st, cur) || status_same(st, json_object_get(
 	    status_written, key))) {
@@ -856,6 +883,7 @@ publish_status(json_t *cr)
 	snprintf(path, sizeof(path), CR_PATH "/namespaces/%s/destinations/%s/status",
 	    meta_str(cr, "namespace"), meta_str(cr, "name"));
 	body = json_pack("{s:o}", "status", st);
+	obj_key(cr, key, sizeof(key));
 	k8s_write("PATCH", path, body, "application/merge-patch+json", key,
 	    "update status of");
 	json_decref(body);
@@ -871,7 +899,11 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 	char		 path[800];
 	int		 i;
 
-	if (!leader || !k8s_synced() || sup->stopping) {
+	/*
+	 * Only once a reconcile has run over the complete lists: a new leader
+	 * must not delete what it merely has not reconciled yet.
+	 */
+	if (!leader || !k8s_synced() || !sup->synced || sup->stopping) {
 		json_decref(desired);
 		return;
 	}
@@ -915,6 +947,11 @@ k8s_after_reconcile(void)
 static void
 repair_cb(evutil_socket_t fd, short ev, void *arg)
 {
+	/* a foreign Service may have gone: find out by trying again */
+	if (json_object_size(clashes) > 0) {
+		json_object_clear(clashes);
+		reconcile_schedule();
+	}
 	k8s_schedule_publish();
 }
 
@@ -1062,6 +1099,7 @@ k8s_start(void)
 
 	clashes = json_object();
 	status_written = json_object();
+	created_at = json_object();
 	if (sup->st.watch_namespaces == NULL)
 		watch_init(&cr_watches[ncr_watches++], "destinations",
 		    CR_PATH "/destinations", NULL);
