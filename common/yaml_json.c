@@ -59,6 +59,35 @@ set_err(char *err, size_t errsz, const char *what, yaml_mark_t *mark)
 	    mark->line + 1, mark->column + 1);
 }
 
+/*
+ * Make a message valid UTF-8 in place (each bad byte becomes '?'), so that
+ * jansson accepts it: a cut multi-byte character in a quoted CR value or a
+ * parser's error text must not make a rejection vanish.
+ */
+void
+utf8_clean(char *s)
+{
+	unsigned char	*p = (unsigned char *)s;
+	int		 n, i;
+
+	while (*p != '\0') {
+		if (*p < 0x80) {
+			p++;
+			continue;
+		}
+		n = (*p & 0xe0) == 0xc0 ? 1 : (*p & 0xf0) == 0xe0 ? 2 :
+		    (*p & 0xf8) == 0xf0 ? 3 : -1;
+		for (i = 1; n > 0 && i <= n; i++)
+			if ((p[i] & 0xc0) != 0x80)
+				n = -1;
+		if (n < 0 || (n == 1 && *p < 0xc2)) {
+			*p++ = '?';
+			continue;
+		}
+		p += n + 1;
+	}
+}
+
 json_t *
 yaml_to_json(const char *buf, size_t len, char *err, size_t errsz)
 {

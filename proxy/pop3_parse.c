@@ -292,7 +292,8 @@ pop3_capa_build(const char *upstream_capa)
 	size_t		 cap, used, ll, kl, i;
 	int		 keep;
 
-	cap = strlen(upstream_capa) + 256;
+	/* every kept line may grow by one byte (LF to CRLF), then ours */
+	cap = 2 * strlen(upstream_capa) + 256;
 	if ((out = malloc(cap)) == NULL)
 		return NULL;
 	used = snprintf(out, cap, "+OK Capability list follows\r\n");

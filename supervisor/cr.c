@@ -12,6 +12,7 @@
 
 #include "log.h"
 #include "supervisor.h"
+#include "yaml_json.h"
 
 #define REASON_INVALID		"ConfigurationError-CustomResource-Invalid"
 #define REASON_ANNOTATION	"ConfigurationError-MultitenancyAnnotation-Invalid"
@@ -28,6 +29,7 @@ reject(json_t *rej, const char *ns, const char *name, const char *source,
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	utf8_clean(msg);
 	json_array_append_new(rej, json_pack("{s:s?,s:s?,s:s,s:s,s:s}",
 	    "namespace", ns, "cr", name, "reason", reason, "error", msg,
 	    "source", source));

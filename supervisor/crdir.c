@@ -143,7 +143,7 @@ crdir_load(size_t *ncrs, json_t *rejected)
 {
 	DIR		 *dir;
 	struct dirent	 *de;
-	char		**names = NULL, *path, err[512];
+	char		**names = NULL, *path, *label, err[512];
 	size_t		  nnames = 0, i, j, k, n = 0;
 	struct cr	**crs = NULL, *cr;
 	json_t		 *docs, *doc;
@@ -165,18 +165,23 @@ crdir_load(size_t *ncrs, json_t *rejected)
 	for (i = 0; i < nnames; i++) {
 		if (asprintf(&path, "%s/%s", sup->st.crs_dir, names[i]) == -1)
 			fatal("asprintf");
+		/* the file's name as shown in status: valid UTF-8 */
+		label = strdup(names[i]);
+		utf8_clean(label);
 		if ((docs = yaml_json_load_file(path, err, sizeof(err))) == NULL) {
 			sup->source_errors++;
+			utf8_clean(err);
 			log_warnx("%s: %s", path, err);
 			json_array_append_new(rejected, json_pack(
 			    "{s:n,s:n,s:s,s:s++,s:s}", "namespace", "cr",
 			    "reason", "ConfigurationError-CustomResource-Invalid",
-			    "error", names[i], ": ", err, "source", names[i]));
+			    "error", label, ": ", err, "source", label));
+			free(label);
 			free(path);
 			continue;
 		}
 		json_array_foreach(docs, j, doc) {
-			if ((cr = cr_parse(doc, names[i], rejected)) == NULL)
+			if ((cr = cr_parse(doc, label, rejected)) == NULL)
 				continue;
 			for (k = 0; k < n; k++)
 				if (strcmp(crs[k]->cr_namespace, cr->cr_namespace) == 0 &&
@@ -188,8 +193,8 @@ crdir_load(size_t *ncrs, json_t *rejected)
 				    cr->cr_namespace, "cr", cr->cr_name, "reason",
 				    "ConfigurationError-K8sResourceWithNameAlreadyPresent",
 				    "error", "a CR with this name is already defined in ",
-				    crs[k]->cr_source, "; this one in ", names[i],
-				    "source", names[i]));
+				    crs[k]->cr_source, "; this one in ", label,
+				    "source", label));
 				cr_free(cr);
 				continue;
 			}
@@ -198,6 +203,7 @@ crdir_load(size_t *ncrs, json_t *rejected)
 		}
 		json_decref(docs);
 		free(path);
+		free(label);
 	}
 	for (i = 0; i < nnames; i++)
 		free(names[i]);

@@ -15,6 +15,7 @@
 
 #include "log.h"
 #include "supervisor.h"
+#include "yaml_json.h"
 
 #define R_FAILED_TENANTS	"FailedToApplyConfiguration"
 #define R_CONFIG_FAILED		"ConfigurationFailed"
@@ -128,8 +129,12 @@ reconcile_config(const char *key, const char *tenant, json_t *resolved,
 }
 
 static void
-reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *msg)
+reject_cr(json_t *rejected, struct cr *cr, const char *reason, const char *m)
 {
+	char	msg[4096];
+
+	snprintf(msg, sizeof(msg), "%s", m);
+	utf8_clean(msg);
 	json_array_append_new(rejected, json_pack("{s:s,s:s,s:s,s:s,s:s}",
 	    "namespace", cr->cr_namespace, "cr", cr->cr_name, "reason", reason,
 	    "error", msg, "source", cr->cr_source));
