@@ -286,7 +286,8 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 	case MSG_EXCHANGED:
 		session_exchanged(json_integer_value(json_object_get(m.body,
 		    "session")), json_string_value(json_object_get(m.body,
-		    "token")), json_string_value(json_object_get(m.body, "error")));
+		    "token")), json_string_value(json_object_get(m.body, "error")),
+		    json_is_true(json_object_get(m.body, "temporary")));
 		break;
 #ifdef TPMAIL_SANDBOX_TESTING
 	case MSG_TEST_SYSCALL:

@@ -147,7 +147,8 @@ void	session_upstream_ready(struct session *);
 void	session_upstream_failed(struct session *, const char *code,
 	    const char *reason);
 void	session_upstream_read(struct session *);
-void	session_exchanged(unsigned long id, const char *token, const char *error);
+void	session_exchanged(unsigned long id, const char *token, const char *error,
+	    int temporary);
 void	proxy_exchange(unsigned long session, const char *kind, const char *user,
 	    const char *value);
 void	session_upstream_event(struct session *, short);

@@ -633,7 +633,8 @@ session_authwait_read(struct session *s)
 
 /* tpmaild answered an exchange: log in upstream with the token, or refuse. */
 void
-session_exchanged(unsigned long id, const char *token, const char *error)
+session_exchanged(unsigned long id, const char *token, const char *error,
+    int temporary)
 {
 	struct session	*s;
 
@@ -645,9 +646,10 @@ session_exchanged(unsigned long id, const char *token, const char *error)
 	if (token == NULL) {
 		log_warnx("session=%lu result=auth-refused reason=\"%s\"", id,
 		    error ? error : "exchange refused");
+		/* RFC 3206: [AUTH] says the token is bad, [SYS/TEMP] try later */
 		evbuffer_add_printf(bufferevent_get_output(s->se_client),
-		    "-ERR [AUTH] %s\r\n", error ? error :
-		    "The token exchange was refused");
+		    "-ERR [%s] %s\r\n", temporary ? "SYS/TEMP" : "AUTH",
+		    error ? error : "The token exchange was refused");
 		session_enter_state(s, SESSION_AUTHWAIT);
 		bufferevent_enable(s->se_client, EV_READ);
 		session_authwait_read(s);

@@ -192,7 +192,8 @@ struct exchange_reply {
 #define SERVICE_MAX_EXCHANGES	32	/* in flight per proxy */
 
 static void
-service_exchanged(const char *token, const char *error, void *arg)
+service_exchanged(const char *token, const char *error, int temporary,
+    void *arg)
 {
 	struct exchange_reply	*xr = arg;
 	struct service		*sv;
@@ -205,8 +206,9 @@ service_exchanged(const char *token, const char *error, void *arg)
 	if (sv != NULL) {
 		if (sv->sv_exchanges > 0)
 			sv->sv_exchanges--;
-		body = json_pack("{s:I,s:s?,s:s?}", "session", xr->xr_session,
-		    "token", token, "error", token ? NULL : error);
+		body = json_pack("{s:I,s:s?,s:s?,s:b}", "session", xr->xr_session,
+		    "token", token, "error", token ? NULL : error, "temporary",
+		    token == NULL && temporary);
 		service_send(sv, MSG_EXCHANGED, body, -1);
 		json_decref(body);	/* the allocator wipes the token */
 		if (token == NULL)
@@ -239,9 +241,10 @@ service_exchange(struct service *sv, json_t *body)
 		return;
 	}
 	if (sv->sv_instance == NULL || sv->sv_exchanges >= SERVICE_MAX_EXCHANGES) {
-		reply = json_pack("{s:I,s:s}", "session", session, "error",
+		reply = json_pack("{s:I,s:s,s:b}", "session", session, "error",
 		    sv->sv_instance == NULL ? "this destination does not exchange "
-		    "tokens" : "too many token exchanges in flight");
+		    "tokens" : "too many token exchanges in flight", "temporary",
+		    sv->sv_instance != NULL);
 		service_send(sv, MSG_EXCHANGED, reply, -1);
 		json_decref(reply);
 		return;

@@ -49,6 +49,7 @@ destinations_load(const char *path, char *err, size_t errsz)
 		if (root == NULL) {
 			snprintf(err, errsz, "JSON error: %s at line %d column %d",
 			    jerr.text, jerr.line, jerr.column);
+			utf8_clean(err);
 			return NULL;
 		}
 		docs = json_array();

@@ -57,6 +57,7 @@ struct dentry {
 	json_t			*de_result;	/* last good; secrets inside */
 	time_t			 de_fetched;
 	time_t			 de_token_expires; /* of its authTokens, or 0 */
+	time_t			 de_token_life;
 	char			*de_error;	/* last failure, or NULL */
 	const char		*de_reason;
 	enum entry_state	 de_state;
@@ -444,6 +445,9 @@ dest_done(long status, const char *body, size_t len, const char *err,
 		return;
 	}
 	if (status == 404) {
+		/* an answer, not an outage: the destination is gone */
+		json_decref(d->de_result);
+		d->de_result = NULL;
 		dentry_failed(d, "ConfigurationError-ReferencedDestination-NotFound",
 		    "Technical connectivity is not configured. Destination \"%s\" "
 		    "not found in instance %s for tenant \"%s\"", d->de_name,
@@ -473,6 +477,8 @@ dest_done(long status, const char *body, size_t len, const char *err,
 	d->de_result = res;
 	d->de_fetched = time(NULL);
 	d->de_token_expires = auth_token_expiry(res);
+	d->de_token_life = d->de_token_expires ? d->de_token_expires -
+	    time(NULL) : 0;
 	d->de_state = ENTRY_IDLE;
 	d->de_failures = 0;
 	free(d->de_error);
@@ -624,6 +630,8 @@ exchange_done(long status, const char *body, size_t len, const char *err,
 
 	if (err != NULL)
 		e = "the Destination service cannot be reached";
+	else if (status >= 500 || status == 401 || status == 403)
+		e = "the Destination service is failing; try again later";
 	else if (status != 200)
 		e = "the Destination service refused the exchange";
 	else {
@@ -635,7 +643,9 @@ exchange_done(long status, const char *body, size_t len, const char *err,
 			e = "the token was not accepted";
 		}
 	}
-	x->ex_cb(v, e, x->ex_arg);
+	/* the service failing is temporary; only a refused token is final */
+	x->ex_cb(v, e, err != NULL || status >= 500 || status == 0 ||
+	    status == 401 || status == 403, x->ex_arg);
 	json_decref(j);
 	exchange_free(x);
 }
@@ -656,7 +666,7 @@ destsvc_exchange(const char *instance, const char *tenant, const char *name,
 	if (!token_valid(t)) {
 		if (!t->tk_fetching && time(NULL) >= t->tk_next_try)
 			token_fetch(t);
-		cb(NULL, "the Destination service is not ready, try again", arg);
+		cb(NULL, "the Destination service is not ready, try again", 1, arg);
 		return;
 	}
 	if ((x = calloc(1, sizeof(*x))) == NULL)
@@ -672,7 +682,7 @@ destsvc_exchange(const char *instance, const char *tenant, const char *name,
 	    "X-refresh-token", value) == -1 ||
 	    dest_request(&x->ex_dest, t, hdr, exchange_done, x, err,
 	    sizeof(err)) == -1) {
-		cb(NULL, "the exchange could not be started", arg);
+		cb(NULL, "the exchange could not be started", 1, arg);
 		exchange_free(x);
 	}
 	secret_free(hdr);
@@ -700,9 +710,12 @@ tick_cb(evutil_socket_t fd, short ev, void *arg)
 	TAILQ_FOREACH_SAFE(d, &dentries, de_entry, dn) {
 		if (d->de_state != ENTRY_IDLE || now < d->de_next_try)
 			continue;
+		margin = DSVC_TOKEN_MARGIN;
+		if (d->de_token_life < 3 * margin)
+			margin = d->de_token_life / 3;
 		if (now - d->de_fetched >= sup->st.poll_interval ||
 		    (d->de_token_expires != 0 && now >= d->de_token_expires -
-		    DSVC_TOKEN_MARGIN) || (d->de_error != NULL))
+		    margin) || (d->de_error != NULL))
 			dsvc_fetch(d);
 	}
 }

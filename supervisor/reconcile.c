@@ -264,7 +264,8 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		r = reconcile_lookup(cr, tenant ? tenant : TPMAIL_PROVIDER_TENANT,
 		    &resolved, &stale, &reason, msg, sizeof(msg));
 		if (r == 0 || (r == -1 && sv != NULL && sv->sv_config != NULL &&
-		    sv->sv_instance != NULL)) {
+		    sv->sv_instance != NULL && reason != NULL &&
+		    strcmp(reason, R_CONFIG_FAILED) == 0)) {
 			/* being fetched, or failing: keep what serves now */
 			if (sv != NULL && sv->sv_config != NULL) {
 				sv->sv_desired = 1;

@@ -247,7 +247,7 @@ char	*httpc_escape(const char *);
 
 /* destsvc.c */
 typedef void	(*destsvc_exchange_cb)(const char *token, const char *error,
-		    void *arg);
+		    int temporary, void *arg);
 void	 destsvc_start(void);
 void	 destsvc_stop(void);
 int	 destsvc_has_instance(const char *);

@@ -146,9 +146,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			json_decref(one);
 		} else
 			json_array_append_new(docs, one);
-	} else
+	} else {
+		/* as yaml_json_load_file words it, and cleans it */
 		snprintf(err, sizeof(err), "JSON error: %s at line %d column %d",
 		    jerr.text, jerr.line, jerr.column);
+		utf8_clean(err);
+	}
 #else
 	docs = yaml_to_json(buf, size, err, sizeof(err));
 #endif

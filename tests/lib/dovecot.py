@@ -612,7 +612,7 @@ service anvil {{
 
     def try_sasl(self, mechanism, user, token, port=None):
         """AUTH <mechanism> with an OAuth2 bearer token (XOAUTH2 or
-        OAUTHBEARER, initial response) on the plain port, then STAT.
+        OAUTHBEARER, initial response) on the plain port, then QUIT.
         Returns the server's reply line to AUTH (bytes)."""
         import base64
         mech = mechanism.upper()

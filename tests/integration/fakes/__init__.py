@@ -12,6 +12,9 @@ Each module also runs as a script (``python3 tests/integration/fakes/X.py
 --help``); ``selftest.py`` checks them standalone.
 """
 
+__all__ = ["TokenService", "PROVIDER", "DestinationService", "Socks5Proxy", "REP_NAMES",
+           "sap_socks5_connect", "FakeBtp", "write_secret_dir"]
+
 from .xsuaa import TokenService, PROVIDER  # noqa: F401
 from .destination_service import DestinationService  # noqa: F401
 from .socks5 import Socks5Proxy, REP_NAMES, sap_socks5_connect  # noqa: F401
