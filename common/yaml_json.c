@@ -201,6 +201,7 @@ yaml_to_json(const char *buf, size_t len, char *err, size_t errsz)
 			json_decref(stack[depth--].node);
 		}
 		json_decref(docs);
+		utf8_clean(err);	/* a message may quote a cut character */
 		return NULL;
 	}
 	return docs;
@@ -279,6 +280,7 @@ yaml_json_load_file(const char *path, char *err, size_t errsz)
 		if (one == NULL) {
 			snprintf(err, errsz, "JSON error: %s at line %d column %d",
 			    jerr.text, jerr.line, jerr.column);
+			utf8_clean(err);
 			return NULL;
 		}
 		docs = json_array();

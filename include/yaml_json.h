@@ -10,6 +10,8 @@
 
 /* Every document of a YAML stream, as a JSON array; NULL with err set. */
 json_t	*yaml_to_json(const char *buf, size_t len, char *err, size_t errsz);
+/* Replace bytes that are not valid UTF-8 with '?', in place. */
+void	 utf8_clean(char *);
 /* A whole file, read without stdio; the caller frees it with secret_free(). */
 char	*yaml_json_read_file(const char *path, size_t *len, char *err,
 	    size_t errsz);

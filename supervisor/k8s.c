@@ -69,7 +69,9 @@ static json_t		*status_written; /* "ns/name" -> status we last wrote */
 static json_t		*lease_record;
 static json_t		*created_at;	/* "ns/name" -> when we last POSTed it */
 
-#define K8S_RECREATE_MIN	5	/* seconds between creates of one name */
+#define K8S_RECREATE_MIN	2	/* seconds between creates of one name */
+
+static struct event	*publish_later;
 
 /*
  * Whether to POST a Service now: not again within a few seconds, so that a
@@ -82,8 +84,13 @@ create_allowed(const char *key)
 	json_t	*t = json_object_get(created_at, key);
 	time_t	 now = time(NULL);
 
-	if (t != NULL && now - (time_t)json_integer_value(t) < K8S_RECREATE_MIN)
+	if (t != NULL && now - (time_t)json_integer_value(t) < K8S_RECREATE_MIN) {
+		/* not now, but soon: a new CR of an old name must not wait */
+		if (!evtimer_pending(publish_later, NULL))
+			event_add(publish_later, &(struct timeval){
+			    K8S_RECREATE_MIN, 0 });
 		return 0;
+	}
 	json_object_set_new(created_at, key, json_integer(now));
 	return 1;
 }
@@ -1117,6 +1124,7 @@ k8s_start(void)
 	watch_init(&svc_watch, "services", "/api/v1/services",
 	    LABEL_MANAGED "=tpmail");
 	publish_ev = event_new(sup->base, -1, 0, publish_cb, NULL);
+	publish_later = evtimer_new(sup->base, publish_cb, NULL);
 	repair_timer = event_new(sup->base, -1, EV_PERSIST, repair_cb, NULL);
 	event_add(repair_timer, &(struct timeval){ K8S_REPAIR_PERIOD, 0 });
 	lease_timer = event_new(sup->base, -1, EV_PERSIST, lease_cb, NULL);
