@@ -99,7 +99,9 @@ set_str(char **dst, const char *fmt, ...)
 static void
 dsvc_changed(void)
 {
-	event_active(kick, EV_TIMEOUT, 0);
+	/* a reply may land after destsvc_stop, while tpmaild shuts down */
+	if (kick != NULL)
+		event_active(kick, EV_TIMEOUT, 0);
 }
 
 static void
