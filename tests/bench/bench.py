@@ -5,6 +5,7 @@ installs the packages, builds tpmail and popbench; see docs/performance.md.
 
     bench.py --build-dir DIR --popbench BIN [--quick] [--reps N]
              [--only W1,W2,...] [--json FILE] [--markdown FILE]
+             [--wait-quiet SEC] [--time-limit SEC]
 
 Every server this starts runs in its own session (process group) under a
 fresh work directory and is stopped at the end, whatever happens; every load
