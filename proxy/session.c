@@ -318,9 +318,7 @@ session_pump(struct session *s)
 			break;
 		bufferevent_write(s->se_ubev, p->pe_data, p->pe_len);
 		p->pe_sent = 1;
-		if (s->se_inflight++ == 0)
-			bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
-			    s->se_cfg->idle_timeout, 0 }, NULL);
+		s->se_inflight++;
 	}
 	if (s->se_npending < PARAM_MAX_PENDING && !s->se_quit &&
 	    !s->se_client_eof)
@@ -336,8 +334,7 @@ session_reply_done(struct session *s)
 
 	session_pending_free(s, p);
 	s->se_reply = REPLY_STATUS;
-	if (--s->se_inflight == 0)
-		bufferevent_set_timeouts(s->se_ubev, NULL, NULL);
+	s->se_inflight--;
 	if (quit) {
 		session_close_flush(s, 0, "quit");
 		return;
@@ -363,7 +360,8 @@ session_upstream_read(struct session *s)
 	int			 i, nv, done = 0;
 
 	while (s->se_state == SESSION_RELAY && evbuffer_get_length(in) > 0) {
-		if (evbuffer_get_length(out) >= (size_t)s->se_cfg->max_buffer) {
+		/* half the budget each way: upstream input, client output */
+		if (evbuffer_get_length(out) >= (size_t)s->se_cfg->max_buffer / 2) {
 			/* slow client: stop reading upstream until it drains */
 			bufferevent_disable(s->se_ubev, EV_READ);
 			return;
@@ -435,6 +433,11 @@ session_upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (s->se_state != SESSION_RELAY)
 		return;
 	if (what & BEV_EVENT_TIMEOUT) {
+		if (s->se_inflight == 0) {
+			/* nothing owed: the server may be quiet */
+			bufferevent_enable(bev, EV_READ);
+			return;
+		}
 		session_close_flush(s, 1, "mail server timed out");
 		return;
 	}
@@ -681,8 +684,15 @@ session_upstream_ready(struct session *s)
 	bufferevent_setcb(s->se_ubev, session_upstream_read_cb,
 	    session_upstream_write_cb, session_upstream_event_cb, s);
 	bufferevent_set_max_single_read(s->se_ubev, PARAM_READ_SIZE);
-	bufferevent_setwatermark(s->se_ubev, EV_READ, 0, s->se_cfg->max_buffer);
+	bufferevent_setwatermark(s->se_ubev, EV_READ, 0, s->se_cfg->max_buffer / 2);
 	bufferevent_setwatermark(s->se_ubev, EV_WRITE, s->se_cfg->max_buffer / 2, 0);
+	/*
+	 * One read timeout for the whole session, set once (re-arming it per
+	 * command costs a system call each time): it only counts while a
+	 * reply is owed, see session_upstream_event_cb.
+	 */
+	bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
+	    s->se_cfg->idle_timeout, 0 }, NULL);
 	bufferevent_enable(s->se_ubev, EV_READ | EV_WRITE);
 	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
 		session_close(s, 1, "out of memory");
@@ -829,7 +839,7 @@ session_new(int fd, struct proxy_config *cfg)
 	bufferevent_setcb(s->se_client, session_client_read_cb,
 	    session_client_write_cb, session_client_event_cb, s);
 	bufferevent_set_max_single_read(s->se_client, PARAM_READ_SIZE);
-	bufferevent_setwatermark(s->se_client, EV_WRITE, cfg->max_buffer / 2, 0);
+	bufferevent_setwatermark(s->se_client, EV_WRITE, cfg->max_buffer / 4, 0);
 	/* hold at most one line of early client input until the greeting */
 	bufferevent_setwatermark(s->se_client, EV_READ, 0, cfg->max_line);
 	/* reading during the login notices a client that leaves early */
