@@ -378,12 +378,13 @@ reconcile_all(void)
 {
 	struct service	*sv, *next;
 	struct cr	**crs;
-	json_t		*rejected = json_array(), *dests;
+	json_t		*rejected, *dests;
 	char		 err[512];
 	size_t		 n, i;
 
 	if (sup->stopping)
 		return;
+	rejected = json_array();
 	dests = sup->st.destinations == NULL ? json_object() :
 	    destinations_load(sup->st.destinations, err, sizeof(err));
 	if (dests == NULL) {
