@@ -560,6 +560,7 @@ service_free(struct service *sv)
 	free(sv->sv_tenant);
 	free(sv->sv_instance);
 	free(sv->sv_dest);
+	free(sv->sv_restart);
 	free(sv->sv_error);
 	free(sv);
 }
@@ -826,6 +827,15 @@ child_reap(void)
 		    sv->sv_backoff);
 		log_warnx("service %s: proxy pid %d %s; restart %d in %d s",
 		    sv->sv_key, (int)pid, how, sv->sv_restarts, sv->sv_backoff);
+		if (sup->st.kubernetes && sv->sv_backoff > 1) {
+			char	msg[300];
+
+			/* the second death in a row: crash-looping */
+			snprintf(msg, sizeof(msg), "the proxy of %s %s; restart "
+			    "%d in %d s", sv->sv_key, how, sv->sv_restarts,
+			    sv->sv_backoff);
+			k8s_service_event(sv, "Warning", "ProxyCrashLooping", msg);
+		}
 		if (sv->sv_timer == NULL)
 			sv->sv_timer = evtimer_new(sup->base, service_backoff_cb, sv);
 		event_add(sv->sv_timer, &(struct timeval){ sv->sv_backoff, 0 });

@@ -309,6 +309,9 @@ cr_parse(json_t *doc, const char *source, json_t *rej)
 	cr->cr_instance = v ? strdup(json_string_value(v)) : NULL;
 	cr->cr_port = (int)port;
 	cr->cr_tenants = tenants;
+	v = json_object_get(json_object_get(meta, "annotations"),
+	    TPMAIL_ANNOTATION_RESTART);
+	cr->cr_restart = json_is_string(v) ? strdup(json_string_value(v)) : NULL;
 	cr->cr_source = strdup(source);
 	return cr;
 }
@@ -324,5 +327,6 @@ cr_free(struct cr *cr)
 	free(cr->cr_instance);
 	json_decref(cr->cr_tenants);
 	free(cr->cr_source);
+	free(cr->cr_restart);
 	free(cr);
 }

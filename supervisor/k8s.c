@@ -676,6 +676,18 @@ k8s_event(json_t *cr, const char *type, const char *reason, const char *msg)
 	json_decref(ev);
 }
 
+/* An Event on the CR of a tenant service (the leader writes it). */
+void
+k8s_service_event(struct service *sv, const char *type, const char *reason,
+    const char *msg)
+{
+	json_t	*cr;
+
+	if (!leader || (cr = k8s_cr_object(sv->sv_namespace, sv->sv_cr)) == NULL)
+		return;
+	k8s_event(cr, type, reason, msg);
+}
+
 /* Make the two Services of one tenant service what they should be. */
 static void
 publish_service(struct service *sv, json_t *desired_names)

@@ -186,6 +186,23 @@ reconcile_schedule(void)
 		event_add(reconcile_ev, &(struct timeval){ 0, 50000 });
 }
 
+/* The CR's restart annotation changed: a graceful restart, once. */
+static void
+reconcile_restart(struct service *sv, struct cr *cr)
+{
+	if ((sv->sv_restart == NULL && cr->cr_restart == NULL) ||
+	    (sv->sv_restart != NULL && cr->cr_restart != NULL &&
+	    strcmp(sv->sv_restart, cr->cr_restart) == 0))
+		return;
+	free(sv->sv_restart);
+	sv->sv_restart = cr->cr_restart ? strdup(cr->cr_restart) : NULL;
+	if (cr->cr_restart == NULL)
+		return;		/* removing the annotation restarts nothing */
+	log_info("service %s: %s changed to %s: restarting", sv->sv_key,
+	    TPMAIL_ANNOTATION_RESTART, cr->cr_restart);
+	service_restart(sv, 0);
+}
+
 /* The Destination service instance of a CR: its own, or the default. */
 static const char *
 reconcile_instance(struct cr *cr)
@@ -318,9 +335,13 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		if (sv->sv_config == NULL) {
 			sv->sv_config = config;
 			sv->sv_ca = ca ? strdup(ca) : NULL;
+			sv->sv_restart = cr->cr_restart ? strdup(cr->cr_restart) :
+			    NULL;
 			service_start(sv);
-		} else
+		} else {
 			service_update(sv, config, ca);
+			reconcile_restart(sv, cr);
+		}
 		json_decref(resolved);
 		continue;
 tenant_failed:

@@ -79,7 +79,12 @@ struct cr {
 	int	 cr_port;		/* spec.service.port, or the protocol's */
 	json_t	*cr_tenants;		/* array of subdomains; NULL: dedicated */
 	char	*cr_source;		/* file it came from */
+	char	*cr_restart;		/* the restart annotation's value */
 };
+
+/* Changing this annotation restarts the CR's proxies, as `kubectl rollout
+ * restart` does for a Deployment (the value is usually a timestamp). */
+#define TPMAIL_ANNOTATION_RESTART	"tpmail.io/restartedAt"
 
 enum service_state {
 	SERVICE_STARTING,
@@ -101,6 +106,7 @@ struct service {
 	char			*sv_instance;	/* Destination service instance */
 	char			*sv_dest;	/* destination name */
 	int			 sv_exchanges;	/* token exchanges in flight */
+	char			*sv_restart;	/* restart annotation last acted on */
 	json_t			*sv_config;	/* what the proxy gets (secrets!) */
 	char			*sv_ca;		/* trust store file, NULL without TLS */
 	json_t			*sv_sandbox;	/* the proxy's sandbox report */
@@ -198,6 +204,8 @@ struct cr **k8s_load_crs(size_t *, json_t *);
 int	 k8s_port_for(struct service *, int *wait);
 int	 k8s_clash(const char *ns, const char *name);
 void	 k8s_after_reconcile(void);
+void	 k8s_service_event(struct service *, const char *type,
+	    const char *reason, const char *msg);
 
 /* child.c */
 struct service	*service_new(const char *ns, const char *name, const char *cr,

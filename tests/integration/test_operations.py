@@ -1240,3 +1240,38 @@ def test_tpmailctl_log_level(tpmaild_factory, mailboxes):
     lines = [r for r in records(t, mark) if r.get("pid") == pid and "duration_ms" in r]
     assert lines == [end], lines
     assert not [r for r in records(t, mark) if r["level"] == "debug"]
+
+
+def test_restart_annotation_restarts_gracefully(tpmaild_factory, mailboxes):
+    """Changing the CR's tpmail.io/restartedAt annotation restarts every
+    tenant proxy of that CR gracefully (new pids, restarts+1, a session open
+    across it finishes), as `kubectl rollout restart` does for Deployments;
+    the other CR's proxy is untouched, and the same value again does
+    nothing."""
+    t = tpmaild_factory()
+    before = t.services()
+    box = mailboxes["tenant-a-user"]
+    held = Pop3(t.port(SHARED_A))
+    assert held.greeting.startswith(b"+OK"), held.greeting
+    doc = th.cr("shared", "dest-t", tenants=["tenant-a", "tenant-b"])
+    doc["metadata"]["annotations"]["tpmail.io/restartedAt"] = "2026-11-27T10:00:00Z"
+    t.write_cr("shared.yaml", doc)
+
+    def restarted():
+        s = t.services()
+        return all(s[n]["pid"] != before[n]["pid"] and s[n]["state"] == "running"
+                   for n in (SHARED_A, SHARED_B)) and s
+    after = wait_for(restarted, START_TIMEOUT, what="both tenants restarted")
+    assert after[DEDICATED]["pid"] == before[DEDICATED]["pid"]
+    for n in (SHARED_A, SHARED_B):
+        assert after[n]["restarts"] == before[n]["restarts"] + 1, after[n]
+    # the session open across the restart is served by the retired proxy
+    assert held.cmd("STAT") == stat_line(box)
+    held.cmd("QUIT")
+    # the same value again (any other change to the file) restarts nothing
+    doc["spec"]["service"] = {"port": 110}
+    t.write_cr("shared.yaml", doc)
+    time.sleep(1.5)
+    again = t.services()
+    for n in (SHARED_A, SHARED_B):
+        assert again[n]["pid"] == after[n]["pid"], again[n]
