@@ -701,8 +701,10 @@ upstream_socks_read(struct upstream *u)
 
 	switch (u->up_state) {
 	case UP_SOCKS_METHOD:
-		if (evbuffer_remove(in, b, 2) < 2)
+		/* wait for the whole reply: a partial remove would lose bytes */
+		if (evbuffer_get_length(in) < 2)
 			return 0;
+		evbuffer_remove(in, b, 2);
 		if (b[0] != 0x05 || b[1] != 0x80) {
 			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
 			    "refused SOCKS5 authentication method 0x80");
@@ -711,8 +713,9 @@ upstream_socks_read(struct upstream *u)
 		upstream_socks_auth(u);
 		return 1;
 	case UP_SOCKS_AUTH:
-		if (evbuffer_remove(in, b, 2) < 2)
+		if (evbuffer_get_length(in) < 2)
 			return 0;
+		evbuffer_remove(in, b, 2);
 		if (b[0] != 0x01 || b[1] != 0x00) {
 			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
 			    "rejected the tenant's token or location id");
