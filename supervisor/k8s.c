@@ -68,6 +68,7 @@ static json_t		*clashes;	/* "ns/name" of foreign Services in the way */
 static json_t		*status_written; /* "ns/name" -> status we last wrote */
 static json_t		*lease_record;
 static json_t		*created_at;	/* "ns/name" -> when we last POSTed it */
+static json_t		*prechecked;	/* "ns/name" -> "pending" | "free" */
 
 #define K8S_RECREATE_MIN	2	/* seconds between creates of one name */
 
@@ -688,19 +689,99 @@ k8s_service_event(struct service *sv, const char *type, const char *reason,
 	k8s_event(cr, type, reason, msg);
 }
 
+/* A pre-create look at a name: free (404, or already ours) or foreign. */
+static void
+precheck_done(long status, const char *body, size_t len, const char *err,
+    void *arg)
+{
+	struct write_ctx	*c = arg;
+	json_error_t		 jerr;
+	json_t			*j;
+	const char		*m;
+
+	if (err != NULL || (status != 200 && status != 404)) {
+		json_object_del(prechecked, c->key);	/* ask again later */
+		write_ctx_free(c);
+		return;
+	}
+	if (status == 200) {
+		j = json_loadb(body, len, 0, &jerr);
+		m = json_string_value(json_object_get(json_object_get(
+		    json_object_get(j, "metadata"), "labels"), LABEL_MANAGED));
+		if (m == NULL || strcmp(m, "tpmail") != 0) {
+			log_warnx("kubernetes: Service %s exists and is not "
+			    "tpmail's: leaving it alone", c->key);
+			json_object_set_new(clashes, c->key, json_true());
+			json_object_del(prechecked, c->key);
+			json_decref(j);
+			write_ctx_free(c);
+			reconcile_schedule();
+			return;
+		}
+		json_decref(j);
+	}
+	json_object_set_new(prechecked, c->key, json_string("free"));
+	write_ctx_free(c);
+	k8s_schedule_publish();
+}
+
+/*
+ * Whether both names of a tenant service are known to be free for us.
+ * The first time, ask the API server about each, so that a foreign
+ * Service in either namespace is found before anything is created.
+ */
+static int
+names_free(const char *k1, const char *k2)
+{
+	const char	*keys[2] = { k1, k2 }, *st, *slash;
+	char		 path[700];
+	int		 i, ok = 1;
+
+	for (i = 0; i < 2; i++) {
+		if (keys[i] == NULL)
+			continue;
+		st = json_string_value(json_object_get(prechecked, keys[i]));
+		if (st != NULL && strcmp(st, "free") == 0)
+			continue;
+		ok = 0;
+		if (st != NULL)
+			continue;	/* being asked */
+		slash = strchr(keys[i], '/');
+		snprintf(path, sizeof(path), "/api/v1/namespaces/%.*s/services/%s",
+		    (int)(slash - keys[i]), keys[i], slash + 1);
+		json_object_set_new(prechecked, keys[i], json_string("pending"));
+		if (k8s_request("GET", path, NULL, NULL, NULL, K8S_TIMEOUT,
+		    precheck_done, write_ctx(keys[i], "check Service")) == NULL)
+			json_object_del(prechecked, keys[i]);
+	}
+	return ok;
+}
+
 /* Make the two Services of one tenant service what they should be. */
 static void
 publish_service(struct service *sv, json_t *desired_names)
 {
 	json_t		*cur, *want, *cr, *p;
-	char		 path[700], key[600], ext[600];
+	char		 path[700], key[600], ext[600], crkey[600];
 	int		 same;
 
 	snprintf(key, sizeof(key), "%s/%s", sup->st.namespace, sv->sv_name);
+	snprintf(crkey, sizeof(crkey), "%s/%s", sv->sv_namespace, sv->sv_name);
 	json_object_set_new(desired_names, key, json_true());
-	if (sv->sv_port <= 0 || json_object_get(clashes, key) != NULL)
+	if (sv->sv_port <= 0 || json_object_get(clashes, key) != NULL ||
+	    json_object_get(clashes, crkey) != NULL)
 		return;
 	cr = k8s_cr_object(sv->sv_namespace, sv->sv_cr);
+	/* nothing is created until neither name is someone else's */
+	if ((k8s_own_service(sv->sv_name) == NULL ||
+	    (strcmp(sv->sv_namespace, sup->st.namespace) != 0 &&
+	    json_object_get(svc_watch.kw_objects, crkey) == NULL)) &&
+	    !names_free(key, strcmp(sv->sv_namespace, sup->st.namespace) ?
+	    crkey : NULL)) {
+		if (strcmp(sv->sv_namespace, sup->st.namespace) != 0)
+			json_object_set_new(desired_names, crkey, json_true());
+		return;
+	}
 	want = json_pack("{s:s,s:s,s:{s:s,s:s,s:o},s:{s:o,s:[{s:s,s:i,s:i,"
 	    "s:s}]}}", "apiVersion", "v1", "kind", "Service",
 	    "metadata", "name", sv->sv_name, "namespace", sup->st.namespace,
@@ -966,9 +1047,10 @@ k8s_after_reconcile(void)
 static void
 repair_cb(evutil_socket_t fd, short ev, void *arg)
 {
-	/* a foreign Service may have gone: find out by trying again */
+	/* a foreign Service may have gone: find out by asking again */
 	if (json_object_size(clashes) > 0) {
 		json_object_clear(clashes);
+		json_object_clear(prechecked);
 		reconcile_schedule();
 	}
 	k8s_schedule_publish();
@@ -1119,6 +1201,7 @@ k8s_start(void)
 	clashes = json_object();
 	status_written = json_object();
 	created_at = json_object();
+	prechecked = json_object();
 	if (sup->st.watch_namespaces == NULL)
 		watch_init(&cr_watches[ncr_watches++], "destinations",
 		    CR_PATH "/destinations", NULL);
