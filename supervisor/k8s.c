@@ -69,6 +69,7 @@ static json_t		*status_written; /* "ns/name" -> status we last wrote */
 static json_t		*lease_record;
 static json_t		*created_at;	/* "ns/name" -> when we last POSTed it */
 static json_t		*prechecked;	/* "ns/name" -> "pending" | "free" */
+static json_t		*deleting;	/* "ns/name" -> when we asked to delete it */
 
 #define K8S_RECREATE_MIN	2	/* seconds between creates of one name */
 
@@ -1018,6 +1019,12 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 		    json_object_get(desired, key) != NULL ||
 		    meta_str(o, "deletionTimestamp") != NULL)
 			continue;
+		/* once: the watch will tell when it is gone */
+		if (json_object_get(deleting, key) != NULL && time(NULL) -
+		    (time_t)json_integer_value(json_object_get(deleting, key)) <
+		    K8S_TIMEOUT)
+			continue;
+		json_object_set_new(deleting, key, json_integer(time(NULL)));
 		snprintf(path, sizeof(path), "/api/v1/namespaces/%s/services/%s",
 		    meta_str(o, "namespace"), meta_str(o, "name"));
 		log_info("kubernetes: deleting Service %s: its tenant service "
@@ -1202,6 +1209,7 @@ k8s_start(void)
 	status_written = json_object();
 	created_at = json_object();
 	prechecked = json_object();
+	deleting = json_object();
 	if (sup->st.watch_namespaces == NULL)
 		watch_init(&cr_watches[ncr_watches++], "destinations",
 		    CR_PATH "/destinations", NULL);
