@@ -573,13 +573,17 @@ k8s_labels(struct service *sv)
 struct write_ctx {
 	char	*key;		/* what it was about, for logs and clashes */
 	char	*what;
+	char	*uid;		/* a status write: the CR's uid */
 };
+
+static json_t	*status_inflight;	/* uid -> true while a PATCH is out */
 
 static void
 write_ctx_free(struct write_ctx *c)
 {
 	free(c->key);
 	free(c->what);
+	free(c->uid);
 	free(c);
 }
 
@@ -641,6 +645,16 @@ write_done(long status, const char *body, size_t len, const char *err,
 		log_warnx("kubernetes: %s %s: HTTP %ld", c->what, c->key, status);
 	else
 		log_debug("kubernetes: %s %s: HTTP %ld", c->what, c->key, status);
+	if (c->uid != NULL) {
+		/*
+		 * One status write per CR at a time, so they land in order;
+		 * a failed one is written again.
+		 */
+		json_object_del(status_inflight, c->uid);
+		if (err != NULL || status >= 300)
+			json_object_del(status_written, c->uid);
+		k8s_schedule_publish();
+	}
 	write_ctx_free(c);
 }
 
@@ -962,12 +976,17 @@ static void
 publish_status(json_t *cr)
 {
 	json_t		*st = cr_status(cr, sup->rejected), *body, *cur, *c;
-	char		 key[600], path[800];
+	char		 key[600], path[800], nsname[600];
 	const char	*reason;
+	struct write_ctx *wc;
 
 	/* by uid: a CR deleted and created again is a new object */
 	snprintf(key, sizeof(key), "%s", meta_str(cr, "uid") ?
 	    meta_str(cr, "uid") : "");
+	if (json_object_get(status_inflight, key) != NULL) {
+		json_decref(st);	/* written when the one in flight is done */
+		return;
+	}
 	cur = json_object_get(cr, "status");
 	if (status_same(st, cur) || status_same(st, json_object_get(
 	    status_written, key))) {
@@ -976,17 +995,26 @@ publish_status(json_t *cr)
 	}
 	c = json_array_get(json_object_get(st, "conditions"), 0);
 	reason = json_string_value(json_object_get(c, "reason"));
-	if (json_is_false(json_object_get(c, "status")) ||
-	    strcmp(json_string_value(json_object_get(c, "status")), "False") == 0)
+	/* a failure is worth an Event; the moment of setting up is not */
+	if (strcmp(json_string_value(json_object_get(c, "status")), "False") ==
+	    0 && strstr(json_string_value(json_object_get(c, "message")),
+	    "being set up") == NULL)
 		k8s_event(cr, "Warning", reason, json_string_value(
 		    json_object_get(c, "message")));
 	json_object_set(status_written, key, st);
 	snprintf(path, sizeof(path), CR_PATH "/namespaces/%s/destinations/%s/status",
 	    meta_str(cr, "namespace"), meta_str(cr, "name"));
 	body = json_pack("{s:o}", "status", st);
-	obj_key(cr, key, sizeof(key));
-	k8s_write("PATCH", path, body, "application/merge-patch+json", key,
-	    "update status of");
+	json_object_set_new(status_inflight, key, json_true());
+	obj_key(cr, nsname, sizeof(nsname));
+	wc = write_ctx(nsname, "update status of");
+	wc->uid = strdup(key);
+	if (k8s_request("PATCH", path, body, "application/merge-patch+json",
+	    NULL, K8S_TIMEOUT, write_done, wc) == NULL) {
+		json_object_del(status_inflight, wc->uid);
+		json_object_del(status_written, wc->uid);
+		write_ctx_free(wc);
+	}
 	json_decref(body);
 }
 
@@ -1210,6 +1238,7 @@ k8s_start(void)
 	created_at = json_object();
 	prechecked = json_object();
 	deleting = json_object();
+	status_inflight = json_object();
 	if (sup->st.watch_namespaces == NULL)
 		watch_init(&cr_watches[ncr_watches++], "destinations",
 		    CR_PATH "/destinations", NULL);
