@@ -227,7 +227,12 @@ sandbox_enter(const struct sandbox_policy *pol)
 	if (prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) == -1)
 		fatal("prctl(PR_SET_PDEATHSIG)");
 
-	rl.rlim_cur = rl.rlim_max = pol->max_fds;
+	/* lowering only: never above the hard limit we were given */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == -1)
+		fatal("getrlimit(RLIMIT_NOFILE)");
+	if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (rlim_t)pol->max_fds)
+		rl.rlim_max = pol->max_fds;
+	rl.rlim_cur = rl.rlim_max;
 	if (setrlimit(RLIMIT_NOFILE, &rl) == -1)
 		fatal("setrlimit(RLIMIT_NOFILE)");
 	rl.rlim_cur = rl.rlim_max = 0;

@@ -406,6 +406,11 @@ child_exec(struct service *sv, int chan, int logfd)
 	    dup2(null, STDIN_FILENO) == -1 || dup2(logfd, STDOUT_FILENO) == -1 ||
 	    dup2(logfd, STDERR_FILENO) == -1)
 		_exit(127);
+	/*
+	 * A stopped or slow tpmaild must not freeze a proxy in a log write:
+	 * with a full pipe, log lines are dropped instead.
+	 */
+	fcntl(STDERR_FILENO, F_SETFL, fcntl(STDERR_FILENO, F_GETFL) | O_NONBLOCK);
 	if (close_range(PROTO_CHANNEL_FD + 1, ~0U, 0) == -1)
 		_exit(127);
 	sigemptyset(&all);

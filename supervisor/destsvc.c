@@ -423,6 +423,19 @@ auth_token_expiry(json_t *res)
 	return v > 0 ? time(NULL) + v : 0;
 }
 
+/* A destination's properties are strings, as the service stores them. */
+static int
+props_are_strings(json_t *dc)
+{
+	const char	*k;
+	json_t		*v;
+
+	json_object_foreach(dc, k, v)
+		if (!json_is_string(v))
+			return 0;
+	return 1;
+}
+
 static void
 dest_done(long status, const char *body, size_t len, const char *err,
     void *arg)
@@ -463,10 +476,12 @@ dest_done(long status, const char *body, size_t len, const char *err,
 	}
 	j = json_loadb(body, len, 0, &jerr);
 	if (j == NULL || !json_is_object(json_object_get(j,
-	    "destinationConfiguration"))) {
+	    "destinationConfiguration")) || !props_are_strings(
+	    json_object_get(j, "destinationConfiguration"))) {
+		/* nonsense from the service is an outage, not a new truth */
 		json_decref(j);
 		dentry_failed(d, "ConfigurationFailed", "Destination service: "
-		    "malformed reply (no destinationConfiguration)");
+		    "malformed reply (destinationConfiguration)");
 		return;
 	}
 	res = json_pack("{s:O,s:O*}", "destinationConfiguration",

@@ -14,6 +14,7 @@
 
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include <event2/listener.h>
 
 #include "log.h"
 #include "supervisor.h"
@@ -321,11 +322,32 @@ http_metrics(struct evhttp_request *req, void *arg)
 	evbuffer_free(b);
 }
 
+static struct evconnlistener	*http_listener;
+static struct event		*http_resume;
+
+static void
+http_resume_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	if (http_listener != NULL)
+		evconnlistener_enable(http_listener);
+}
+
+/* Out of descriptors: stop accepting for a second instead of spinning. */
+static void
+http_accept_error_cb(struct evconnlistener *l, void *arg)
+{
+	log_warnx("HTTP accept: %s; pausing for 1 s",
+	    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+	evconnlistener_disable(l);
+	event_add(http_resume, &(struct timeval){ 1, 0 });
+}
+
 int
 http_start(void)
 {
-	char	*addr, *colon;
-	long	 port;
+	struct evhttp_bound_socket	*bound;
+	char				*addr, *colon;
+	long				 port;
 
 	if (sup->st.http == NULL)
 		return 0;
@@ -338,12 +360,15 @@ http_start(void)
 	*colon = '\0';
 	port = strtol(colon + 1, NULL, 10);
 	if ((http = evhttp_new(sup->base)) == NULL ||
-	    evhttp_bind_socket(http, addr, port) == -1) {
+	    (bound = evhttp_bind_socket_with_handle(http, addr, port)) == NULL) {
 		log_warn("cannot serve HTTP on %s", sup->st.http);
 		free(addr);
 		return -1;
 	}
 	free(addr);
+	http_listener = evhttp_bound_socket_get_listener(bound);
+	http_resume = evtimer_new(sup->base, http_resume_cb, NULL);
+	evconnlistener_set_error_cb(http_listener, http_accept_error_cb);
 	evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
 	evhttp_set_cb(http, "/healthz", http_healthz, NULL);
 	evhttp_set_cb(http, "/readyz", http_readyz, NULL);
@@ -359,4 +384,8 @@ http_stop(void)
 	if (http != NULL)
 		evhttp_free(http);
 	http = NULL;
+	http_listener = NULL;
+	if (http_resume != NULL)
+		event_free(http_resume);
+	http_resume = NULL;
 }
