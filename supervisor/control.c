@@ -20,6 +20,7 @@
 #include "log.h"
 #include "msg.h"
 #include "supervisor.h"
+#include "unixaddr.h"
 
 #define CONTROL_MAX_REQUEST	4096
 
@@ -300,12 +301,10 @@ control_start(void)
 {
 	struct sockaddr_un	sun;
 	mode_t			old;
+	int			dirfd;
 
-	memset(&sun, 0, sizeof(sun));
-	sun.sun_family = AF_UNIX;
-	if (strlen(sup->st.control) >= sizeof(sun.sun_path))
-		fatalx("control socket path too long: %s", sup->st.control);
-	strcpy(sun.sun_path, sup->st.control);
+	if (unixaddr_fill(sup->st.control, &sun, &dirfd) == -1)
+		fatal("control socket %s", sup->st.control);
 	if (unlink(sup->st.control) == -1 && errno != ENOENT)
 		fatal("unlink %s", sup->st.control);
 	old = umask(0077);
@@ -313,6 +312,8 @@ control_start(void)
 	    NULL, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 16,
 	    (struct sockaddr *)&sun, sizeof(sun));
 	umask(old);
+	if (dirfd != -1)
+		close(dirfd);
 	if (control_listener == NULL)
 		fatal("cannot listen on %s", sup->st.control);
 	control_resume = evtimer_new(sup->base, control_resume_cb, NULL);

@@ -73,7 +73,7 @@ static json_t		*deleting;	/* "ns/name" -> when we asked to delete it */
 
 #define K8S_RECREATE_MIN	2	/* seconds between creates of one name */
 
-static struct event	*publish_later;
+static struct event	*publish_later, *names_retry;
 
 /*
  * Whether to POST a Service now: not again within a few seconds, so that a
@@ -100,6 +100,7 @@ create_allowed(const char *key)
 static void	k8s_list(struct k8s_watch *);
 static void	k8s_watch_start(struct k8s_watch *);
 static void	k8s_schedule_publish(void);
+static int	names_free(const char *, const char *);
 
 int
 k8s_is_leader(void)
@@ -534,6 +535,22 @@ k8s_port_for(struct service *sv, int *wait)
 		*wait = 1;
 		return 0;
 	}
+	/*
+	 * A new service gets a port, and so a proxy, only once both of its
+	 * Service names are known not to be someone else's: a CR that clashes
+	 * never serves, not even for the moment it takes to find out.
+	 */
+	if (svc == NULL) {
+		char	k1[600], k2[600];
+
+		snprintf(k1, sizeof(k1), "%s/%s", sup->st.namespace, sv->sv_name);
+		snprintf(k2, sizeof(k2), "%s/%s", sv->sv_namespace, sv->sv_name);
+		if (!names_free(k1, strcmp(sv->sv_namespace, sup->st.namespace) ?
+		    k2 : NULL)) {
+			*wait = 1;
+			return 0;
+		}
+	}
 	for (port = sup->st.port_min; port <= sup->st.port_max; port++) {
 		used = 0;
 		json_object_foreach(svc_watch.kw_objects, key, o)
@@ -715,7 +732,10 @@ precheck_done(long status, const char *body, size_t len, const char *err,
 	const char		*m;
 
 	if (err != NULL || (status != 200 && status != 404)) {
-		json_object_del(prechecked, c->key);	/* ask again later */
+		json_object_del(prechecked, c->key);	/* ask again soon */
+		if (!evtimer_pending(names_retry, NULL))
+			event_add(names_retry, &(struct timeval){
+			    K8S_RETRY_PERIOD, 0 });
 		write_ctx_free(c);
 		return;
 	}
@@ -737,6 +757,7 @@ precheck_done(long status, const char *body, size_t len, const char *err,
 	}
 	json_object_set_new(prechecked, c->key, json_string("free"));
 	write_ctx_free(c);
+	reconcile_schedule();		/* a service waiting for it can start */
 	k8s_schedule_publish();
 }
 
@@ -1079,16 +1100,59 @@ k8s_after_reconcile(void)
 	k8s_schedule_publish();
 }
 
+/* A foreign Service in the way, looked at again: gone, or still there. */
+static void
+clash_recheck_done(long status, const char *body, size_t len, const char *err,
+    void *arg)
+{
+	struct write_ctx	*c = arg;
+	json_error_t		 jerr;
+	json_t			*j;
+	const char		*m = NULL;
+
+	if (err == NULL && (status == 200 || status == 404)) {
+		j = status == 200 ? json_loadb(body, len, 0, &jerr) : NULL;
+		m = json_string_value(json_object_get(json_object_get(
+		    json_object_get(j, "metadata"), "labels"), LABEL_MANAGED));
+		if (status == 404 || (m != NULL && strcmp(m, "tpmail") == 0)) {
+			log_info("kubernetes: Service %s is no longer in the "
+			    "way", c->key);
+			json_object_del(clashes, c->key);
+			json_object_set_new(prechecked, c->key,
+			    json_string("free"));
+			reconcile_schedule();
+		}
+		json_decref(j);
+	}
+	write_ctx_free(c);
+}
+
 static void
 repair_cb(evutil_socket_t fd, short ev, void *arg)
 {
-	/* a foreign Service may have gone: find out by asking again */
-	if (json_object_size(clashes) > 0) {
-		json_object_clear(clashes);
-		json_object_clear(prechecked);
-		reconcile_schedule();
+	const char	*key, *slash;
+	json_t		*v;
+	char		 path[700];
+
+	/*
+	 * A foreign Service may have gone (the watch sees only ours): ask
+	 * about each again.  Only an answer clears a clash, so a CR in the
+	 * way of someone's Service never serves in between.
+	 */
+	json_object_foreach(clashes, key, v) {
+		slash = strchr(key, '/');
+		snprintf(path, sizeof(path), "/api/v1/namespaces/%.*s/services/%s",
+		    (int)(slash - key), key, slash + 1);
+		k8s_request("GET", path, NULL, NULL, NULL, K8S_TIMEOUT,
+		    clash_recheck_done, write_ctx(key, "recheck Service"));
 	}
 	k8s_schedule_publish();
+}
+
+static void
+names_retry_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	reconcile_schedule();
 }
 
 /* Whether a proxy-namespace Service name is a foreign object in our way. */
@@ -1257,6 +1321,7 @@ k8s_start(void)
 	    LABEL_MANAGED "=tpmail");
 	publish_ev = event_new(sup->base, -1, 0, publish_cb, NULL);
 	publish_later = evtimer_new(sup->base, publish_cb, NULL);
+	names_retry = evtimer_new(sup->base, names_retry_cb, NULL);
 	repair_timer = event_new(sup->base, -1, EV_PERSIST, repair_cb, NULL);
 	event_add(repair_timer, &(struct timeval){ K8S_REPAIR_PERIOD, 0 });
 	lease_timer = event_new(sup->base, -1, EV_PERSIST, lease_cb, NULL);
@@ -1276,4 +1341,7 @@ k8s_stop(void)
 	if (repair_timer != NULL)
 		event_free(repair_timer);
 	repair_timer = NULL;
+	if (names_retry != NULL)
+		event_free(names_retry);
+	names_retry = NULL;
 }

@@ -15,6 +15,8 @@
 
 #include <jansson.h>
 
+#include "unixaddr.h"
+
 #define DEFAULT_CONTROL	"/var/lib/tpmail/control.sock"
 
 static void
@@ -50,21 +52,21 @@ request(const char *path, json_t *req)
 	size_t			 len = 0;
 	ssize_t			 n;
 	json_t			*reply;
-	int			 fd;
+	int			 fd, dirfd;
 
-	memset(&sun, 0, sizeof(sun));
-	sun.sun_family = AF_UNIX;
-	if (strlen(path) >= sizeof(sun.sun_path)) {
-		fprintf(stderr, "tpmailctl: control path too long\n");
+	if (unixaddr_fill(path, &sun, &dirfd) == -1) {
+		fprintf(stderr, "tpmailctl: control socket %s: %s\n", path,
+		    strerror(errno));
 		exit(2);
 	}
-	strcpy(sun.sun_path, path);
 	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) == -1 ||
 	    connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == -1) {
 		fprintf(stderr, "tpmailctl: cannot reach tpmaild at %s: %s\n",
 		    path, strerror(errno));
 		exit(3);
 	}
+	if (dirfd != -1)
+		close(dirfd);
 	s = json_dumps(req, JSON_COMPACT);
 	json_decref(req);
 	n = snprintf(line, sizeof(line), "%s\n", s ? s : "{}");

@@ -98,7 +98,7 @@ def tpmaild_factory(bins, dovecot, tmp_path):
 
     def make(crs=None, destinations=None, args=(), expect=None, name=None):
         wd = tmp_path / (name or "tpmaild%d" % len(started))
-        wd.mkdir()
+        wd.mkdir(parents=True)
         if crs is None:
             crs = standard_crs()
             if expect is None:

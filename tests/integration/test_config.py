@@ -1,6 +1,7 @@
 """CRs and destinations changing while tpmaild runs; rejected CRs."""
 
 import copy
+import os
 import json
 
 import pytest
@@ -298,3 +299,14 @@ def test_restart_keeps_ports(tpmaild_factory, bins, mailboxes):
         assert _first_message(t2.port("mail")) == mailboxes["alice"][0]
     finally:
         th.teardown_tpmaild(t2)
+
+
+def test_state_dir_deeper_than_a_socket_path(tpmaild_factory, mailboxes):
+    """A state directory whose control socket path is longer than a Unix
+    socket address can hold (108 bytes) still works: tpmaild listens there
+    and tpmailctl reaches it (deep CI checkouts and volume mounts do this)."""
+    t = tpmaild_factory(name="d" + "e" * 60 + "p/" + "s" * 60)
+    assert len(t.control.encode()) > 108
+    assert t.services()["mail"]["state"] == "running"
+    assert os.path.exists(t.control)
+    assert _first_message(t.port("mail")) == mailboxes["alice"][0]

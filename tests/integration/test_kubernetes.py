@@ -1115,6 +1115,11 @@ def test_bad_crs_get_conditions(kube_world, k8s_tpmaild, dovecot, mailboxes):
     kube.delete("Service", NS, "clash")
     wait_services(kube, ["mail", "unknown-dest", "clash"], timeout=K8S_TIMEOUT + 30)
     wait_available(kube, "clash", "True")
+    # a CR in the way of a foreign Service never served, not even briefly
+    log = t.log_text()
+    assert "service %s/clash2: started" % CR_NS not in log, "clash2 got a proxy"
+    assert log.count("service %s/clash: started" % CR_NS) == 1, "clash got a proxy before its name was free"
+    assert set(t.services()) == {"mail", "unknown-dest", "clash"}
 
 
 def test_duplicate_cr_names_across_namespaces(kube_world, k8s_tpmaild, dovecot, mailboxes):
