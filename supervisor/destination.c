@@ -6,7 +6,10 @@
  * naming the property, never guessed.  Runs in the supervisor.
  */
 #include <arpa/inet.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -26,6 +29,9 @@
 #define R_LOOPBACK	"ConfigurationError-ReferencedDestination-LoopbackUrlNotSupported"
 #define R_AUTHTYPE	"ConfigurationError-ReferencedDestination-AuthenticationNotSupported"
 #define R_PROPERTY	"ConfigurationError-ReferencedDestination-PropertyInvalid"
+#define R_TRUSTSTORE	"ConfigurationError-ReferencedDestination-TrustStoreInvalid"
+
+#define TRUST_STORE_MAX	(256 * 1024)	/* base64 Content of a trust store */
 
 /* Load and check the file's shape: {tenant: [ {prop: "string"...} ]}. */
 json_t *
@@ -173,7 +179,55 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 	if (d == NULL)
 		FAIL(R_NOTFOUND, "Technical connectivity is not configured. "
 		    "Destination \"%s\" not found for tenant \"%s\"", name, tenant);
-	return destination_translate(d, NULL, st, reason, msg, msgsz);
+	return destination_translate(d, NULL, NULL, st, reason, msg, msgsz);
+}
+
+/*
+ * A find-destination reply (the body of a 200) as what tpmail keeps of it:
+ * {destinationConfiguration, authTokens?, certificates?}.  Only the shape
+ * is checked here, nothing the destination means; NULL with err when the
+ * reply is not one (an outage, not a new truth about the destination).
+ */
+json_t *
+destination_reply_parse(const char *body, size_t len, char *err, size_t errsz)
+{
+	json_error_t	 jerr;
+	json_t		*j, *dc, *tokens, *certs, *out = NULL;
+	const char	*key;
+	json_t		*v;
+
+	if ((j = json_loadb(body, len, 0, &jerr)) == NULL) {
+		snprintf(err, errsz, "malformed reply (not JSON)");
+		return NULL;
+	}
+	dc = json_object_get(j, "destinationConfiguration");
+	tokens = json_object_get(j, "authTokens");
+	certs = json_object_get(j, "certificates");
+	if (!json_is_object(dc)) {
+		snprintf(err, errsz, "malformed reply (destinationConfiguration)");
+		goto done;
+	}
+	json_object_foreach(dc, key, v)
+		if (!json_is_string(v)) {
+			snprintf(err, errsz, "malformed reply (destinationConfiguration)");
+			goto done;
+		}
+	if (tokens != NULL && !json_is_array(tokens) && !json_is_null(tokens)) {
+		snprintf(err, errsz, "malformed reply (authTokens)");
+		goto done;
+	}
+	if (certs != NULL && !json_is_array(certs) && !json_is_null(certs)) {
+		snprintf(err, errsz, "malformed reply (certificates)");
+		goto done;
+	}
+	out = json_pack("{s:O,s:O*,s:O*}", "destinationConfiguration", dc,
+	    "authTokens", json_is_array(tokens) ? tokens : NULL,
+	    "certificates", json_is_array(certs) ? certs : NULL);
+	if (out == NULL)
+		snprintf(err, errsz, "out of memory");
+done:
+	json_decref(j);
+	return out;
 }
 
 static char *
@@ -187,20 +241,162 @@ b64(const char *s)
 	return out;
 }
 
+/* base64 with whatever line breaks and blanks the service put in; NULL. */
+static unsigned char *
+b64_decode(const char *in, size_t *outlen)
+{
+	size_t		 n = strlen(in), i, k = 0, pad = 0;
+	char		*clean;
+	unsigned char	*out;
+	int		 r;
+
+	if ((clean = malloc(n + 1)) == NULL)
+		return NULL;
+	for (i = 0; i < n; i++)
+		if (!isspace((unsigned char)in[i]))
+			clean[k++] = in[i];
+	clean[k] = '\0';
+	if (k == 0 || k % 4 != 0 || (out = malloc(k / 4 * 3 + 1)) == NULL) {
+		free(clean);
+		return NULL;
+	}
+	if ((r = EVP_DecodeBlock(out, (unsigned char *)clean, (int)k)) < 0) {
+		free(clean);
+		free(out);
+		return NULL;
+	}
+	/* EVP_DecodeBlock counts the padding as zero bytes */
+	while (pad < 2 && k > pad && clean[k - 1 - pad] == '=')
+		pad++;
+	free(clean);
+	*outlen = (size_t)r - pad;
+	return out;
+}
+
+/*
+ * The certificates in a trust store's bytes (PEM, any number of them, or
+ * one DER certificate) as PEM text, or NULL.  Only certificates are kept:
+ * anything else a PEM file holds (a private key...) is dropped.
+ */
+static char *
+trust_store_to_pem(const unsigned char *der, size_t len)
+{
+	BIO		*in, *out;
+	X509		*x;
+	const unsigned char *p = der;
+	char		*pem = NULL, *data;
+	long		 n;
+	int		 count = 0;
+
+	if ((out = BIO_new(BIO_s_mem())) == NULL)
+		return NULL;
+	if (memmem(der, len, "-----BEGIN", 10) != NULL) {
+		if ((in = BIO_new_mem_buf(der, (int)len)) == NULL) {
+			BIO_free(out);
+			return NULL;
+		}
+		while ((x = PEM_read_bio_X509(in, NULL, NULL, NULL)) != NULL) {
+			count += PEM_write_bio_X509(out, x) == 1;
+			X509_free(x);
+		}
+		BIO_free(in);
+	} else if ((x = d2i_X509(NULL, &p, (long)len)) != NULL) {
+		if (p == der + len)		/* one certificate, nothing after */
+			count += PEM_write_bio_X509(out, x) == 1;
+		X509_free(x);
+	}
+	ERR_clear_error();
+	if (count > 0 && (n = BIO_get_mem_data(out, &data)) > 0 &&
+	    (pem = malloc((size_t)n + 1)) != NULL) {
+		memcpy(pem, data, (size_t)n);
+		pem[n] = '\0';
+	}
+	BIO_free(out);
+	return pem;
+}
+
+/* Store types tpmail reads: certificates, not key stores. */
+static int
+trust_store_type_ok(const char *file)
+{
+	static const char *const ok[] = { ".pem", ".crt", ".cer", ".der" };
+	const char	*dot = strrchr(file, '.');
+	size_t		 i;
+
+	for (i = 0; dot != NULL && i < sizeof(ok) / sizeof(ok[0]); i++)
+		if (strcasecmp(dot, ok[i]) == 0)
+			return 1;
+	return 0;
+}
+
+/*
+ * TrustStoreLocation: the certificate of that name among the reply's
+ * certificates, as PEM.  NULL with SAP's reason and a message.
+ */
+static char *
+trust_store_pem(json_t *certs, const char *dname, const char *store,
+    const char **reason, char *msg, size_t msgsz)
+{
+	json_t		*c, *found = NULL;
+	const char	*content;
+	unsigned char	*raw;
+	size_t		 i, len;
+	char		*pem;
+
+	*reason = R_TRUSTSTORE;
+	if (certs == NULL) {
+		snprintf(msg, msgsz, "Destination \"%s\": TrustStoreLocation "
+		    "needs the Destination service, which returns the "
+		    "certificate; in a destinations file use mail.<protocol>."
+		    "ssl.cafile", dname);
+		return NULL;
+	}
+	if (!trust_store_type_ok(store)) {
+		snprintf(msg, msgsz, "Destination \"%s\": trust store \"%s\": "
+		    "tpmail reads certificates (.pem, .crt, .cer, .der), not "
+		    "key stores", dname, store);
+		return NULL;
+	}
+	json_array_foreach(certs, i, c)
+		if (json_is_object(c) && json_is_string(json_object_get(c,
+		    "Name")) && strcmp(json_string_value(json_object_get(c,
+		    "Name")), store) == 0)
+			found = c;
+	if (found == NULL) {
+		snprintf(msg, msgsz, "Destination \"%s\": the trust store \"%s\" "
+		    "(TrustStoreLocation) is not among the certificates the "
+		    "Destination service returned", dname, store);
+		return NULL;
+	}
+	content = json_string_value(json_object_get(found, "Content"));
+	if (content == NULL || strlen(content) > TRUST_STORE_MAX ||
+	    (raw = b64_decode(content, &len)) == NULL) {
+		snprintf(msg, msgsz, "Destination \"%s\": the trust store \"%s\" "
+		    "has no base64 Content", dname, store);
+		return NULL;
+	}
+	pem = trust_store_to_pem(raw, len);
+	free(raw);
+	if (pem == NULL)
+		snprintf(msg, msgsz, "Destination \"%s\": the trust store \"%s\" "
+		    "holds no PEM or DER certificate", dname, store);
+	return pem;
+}
+
 /*
  * One MAIL destination (a flat property object, from the file or from the
  * Destination service's destinationConfiguration, with its authTokens when
  * it came from there) as the proxy's upstream and auth configuration.
  */
 json_t *
-destination_translate(json_t *d, json_t *auth_tokens,
+destination_translate(json_t *d, json_t *auth_tokens, json_t *certificates,
     const struct settings *st, const char **reason, char *msg, size_t msgsz)
 {
 	json_t		*v, *out;
 	const char	*type, *ptype, *authn, *proto, *host, *port, *user, *pw;
 	const char	*tls = "none", *method = "auto", *mechs, *cafile, *key;
-	const char	*name, *token = NULL, *exchange = NULL, *loc;
-	char		*end, other[16], *loc64;
+	const char	*name, *token = NULL, *exchange = NULL, *loc, *store;
+	char		*end, other[16], *loc64, *ca_pem = NULL;
 	size_t		 plen;
 	long		 portn;
 	int		 auth, stls, stls_req, ssl, apop, verify, onprem;
@@ -350,6 +546,13 @@ destination_translate(json_t *d, json_t *auth_tokens,
 		FAIL(R_PROPERTY, "Destination \"%s\": mail.%s.ssl.cafile is set "
 		    "but no TLS is used (set starttls.enable or use pop3s)",
 		    name, proto);
+	store = json_string_value(json_object_get(d, "TrustStoreLocation"));
+	if (store != NULL && cafile != NULL)
+		FAIL(R_PROPERTY, "Destination \"%s\": TrustStoreLocation and "
+		    "mail.%s.ssl.cafile contradict each other", name, proto);
+	if (store != NULL && strcmp(tls, "none") == 0)
+		FAIL(R_PROPERTY, "Destination \"%s\": TrustStoreLocation is set "
+		    "but no TLS is used (set starttls.enable or use pop3s)", name);
 
 	user = json_string_value(json_object_get(d, "mail.user"));
 	pw = json_string_value(json_object_get(d, "mail.password"));
@@ -393,15 +596,19 @@ destination_translate(json_t *d, json_t *auth_tokens,
 				    proto, mechs);
 		}
 	}
-	out = json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:b},"
+	if (store != NULL && (ca_pem = trust_store_pem(certificates, name, store,
+	    reason, msg, msgsz)) == NULL)
+		return NULL;
+	out = json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:s?,s:b},"
 	    "s:{s:s,s:s?,s:s?,s:s?,s:s?}}",
 	    "protocol", proto,
 	    "default_port", strcmp(proto, "pop3s") == 0 ? 995 : 110,
 	    "upstream", "host", host, "port", (int)portn, "tls", tls,
-	    "cafile", cafile, "verify_host", verify,
+	    "cafile", cafile, "ca_pem", ca_pem, "verify_host", verify,
 	    "auth", "method", method, "user", auth ? user : NULL,
 	    "password", auth && token == NULL && exchange == NULL ? pw : NULL,
 	    "token", auth ? token : NULL, "exchange", auth ? exchange : NULL);
+	free(ca_pem);
 	if (onprem) {
 		/* the virtual host is the Cloud Connector's business */
 		loc = json_string_value(json_object_get(d,

@@ -423,27 +423,14 @@ auth_token_expiry(json_t *res)
 	return v > 0 ? time(NULL) + v : 0;
 }
 
-/* A destination's properties are strings, as the service stores them. */
-static int
-props_are_strings(json_t *dc)
-{
-	const char	*k;
-	json_t		*v;
-
-	json_object_foreach(dc, k, v)
-		if (!json_is_string(v))
-			return 0;
-	return 1;
-}
-
 static void
 dest_done(long status, const char *body, size_t len, const char *err,
     void *arg)
 {
 	struct dentry	*d = arg;
 	struct token	*t;
-	json_error_t	 jerr;
-	json_t		*j, *res;
+	json_t		*res;
+	char		 perr[128];
 	int		 changed;
 
 	if (err != NULL) {
@@ -474,20 +461,13 @@ dest_done(long status, const char *body, size_t len, const char *err,
 		    "answered HTTP %ld", status);
 		return;
 	}
-	j = json_loadb(body, len, 0, &jerr);
-	if (j == NULL || !json_is_object(json_object_get(j,
-	    "destinationConfiguration")) || !props_are_strings(
-	    json_object_get(j, "destinationConfiguration"))) {
+	if ((res = destination_reply_parse(body, len, perr, sizeof(perr))) ==
+	    NULL) {
 		/* nonsense from the service is an outage, not a new truth */
-		json_decref(j);
-		dentry_failed(d, "ConfigurationFailed", "Destination service: "
-		    "malformed reply (destinationConfiguration)");
+		dentry_failed(d, "ConfigurationFailed", "Destination service: %s",
+		    perr);
 		return;
 	}
-	res = json_pack("{s:O,s:O*}", "destinationConfiguration",
-	    json_object_get(j, "destinationConfiguration"), "authTokens",
-	    json_object_get(j, "authTokens"));
-	json_decref(j);
 	changed = d->de_result == NULL || !json_equal(d->de_result, res) ||
 	    d->de_error != NULL;
 	json_decref(d->de_result);

@@ -24,6 +24,8 @@ struct httpc_req {
 	struct curl_slist	*hr_headers;
 	char			*hr_body;	/* request body (secret) */
 	char			*hr_resp;	/* response body (secret) */
+	char			*hr_cert;	/* client certificate, PEM */
+	char			*hr_key;	/* its private key (secret) */
 	size_t			 hr_len;
 	size_t			 hr_cap;
 	int			 hr_too_big;
@@ -113,6 +115,8 @@ httpc_free(struct httpc_req *r)
 	curl_slist_free_all(r->hr_headers);
 	secret_free(r->hr_body);
 	secret_free(r->hr_resp);
+	free(r->hr_cert);
+	secret_free(r->hr_key);
 	free(r);
 }
 
@@ -232,6 +236,32 @@ httpc_add_resolve(const char *entry)
 }
 
 /*
+ * mTLS from memory: the private key never goes to a file.  The request owns
+ * the copies curl reads (CURL_BLOB_NOCOPY), so that the key is wiped when
+ * the request ends rather than freed as is by curl.
+ */
+static int
+httpc_client_cert(struct httpc_req *r, const struct httpc_opts *o)
+{
+	struct curl_blob	cert, key;
+
+	if ((r->hr_cert = strdup(o->cert)) == NULL ||
+	    (r->hr_key = strdup(o->key)) == NULL)
+		return -1;
+	cert.data = r->hr_cert;
+	cert.len = strlen(r->hr_cert);
+	cert.flags = CURL_BLOB_NOCOPY;
+	key.data = r->hr_key;
+	key.len = strlen(r->hr_key);
+	key.flags = CURL_BLOB_NOCOPY;
+	if (curl_easy_setopt(r->hr_easy, CURLOPT_SSLCERT_BLOB, &cert) !=
+	    CURLE_OK || curl_easy_setopt(r->hr_easy, CURLOPT_SSLKEY_BLOB,
+	    &key) != CURLE_OK)
+		return -1;
+	return 0;
+}
+
+/*
  * Start a request described by o.  A body is sent (form POST unless a method
  * and content type say otherwise); user/pass as HTTP Basic; cert/key (PEM
  * strings) for mTLS; cafile to verify the server.  cb runs later, exactly
@@ -268,8 +298,11 @@ httpc_start(const struct httpc_opts *o, httpc_cb cb, void *arg)
 	curl_easy_setopt(r->hr_easy, CURLOPT_HTTPHEADER, r->hr_headers);
 	if (resolve_list != NULL)
 		curl_easy_setopt(r->hr_easy, CURLOPT_RESOLVE, resolve_list);
-	if (o->cafile != NULL)
+	if (o->cafile != NULL) {
+		/* that file only: not the system's directory besides it */
 		curl_easy_setopt(r->hr_easy, CURLOPT_CAINFO, o->cafile);
+		curl_easy_setopt(r->hr_easy, CURLOPT_CAPATH, NULL);
+	}
 	if (o->body != NULL) {
 		r->hr_body = strdup(o->body);
 		curl_easy_setopt(r->hr_easy, CURLOPT_POSTFIELDS, r->hr_body);
@@ -282,14 +315,9 @@ httpc_start(const struct httpc_opts *o, httpc_cb cb, void *arg)
 		curl_easy_setopt(r->hr_easy, CURLOPT_PASSWORD,
 		    o->pass ? o->pass : "");
 	}
-	if (o->cert != NULL && o->key != NULL) {
-		struct curl_blob	cb_cert = { (void *)o->cert, strlen(o->cert),
-					    CURL_BLOB_COPY };
-		struct curl_blob	cb_key = { (void *)o->key, strlen(o->key),
-					    CURL_BLOB_COPY };
-
-		curl_easy_setopt(r->hr_easy, CURLOPT_SSLCERT_BLOB, &cb_cert);
-		curl_easy_setopt(r->hr_easy, CURLOPT_SSLKEY_BLOB, &cb_key);
+	if (o->cert != NULL && o->key != NULL && httpc_client_cert(r, o) == -1) {
+		httpc_free(r);
+		return NULL;
 	}
 	if (curl_multi_add_handle(multi, r->hr_easy) != CURLM_OK) {
 		httpc_free(r);
@@ -319,7 +347,10 @@ httpc_cancel(struct httpc_req *r)
 	    &(struct timeval){ 0, 0 });
 }
 
-/* The common case: one request, one callback. */
+/*
+ * The common case: one request, one callback, trusting --service-ca when
+ * given, else the system's store.
+ */
 int
 httpc_request(const char *url, const char *const *headers, const char *body,
     const char *user, const char *pass, const char *cert, const char *key,
@@ -335,6 +366,8 @@ httpc_request(const char *url, const char *const *headers, const char *body,
 	o.pass = pass;
 	o.cert = cert;
 	o.key = key;
+	/* the control plane (token endpoints, Destination service) */
+	o.cafile = sup->st.service_ca;
 	o.timeout = timeout;
 	return httpc_start(&o, cb, arg) == NULL ? -1 : 0;
 }

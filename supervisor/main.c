@@ -89,6 +89,9 @@ supervisor_reload(void)
 	free(st->system_ca);
 	st->system_ca = ns.system_ca;
 	ns.system_ca = NULL;
+	free(st->service_ca);
+	st->service_ca = ns.service_ca;
+	ns.service_ca = NULL;
 	settings_free(&ns);
 	log_set_level(st->log_level);
 	log_set_json(st->log_json);

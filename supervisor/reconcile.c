@@ -6,12 +6,18 @@
  * are untouched), and drains what is gone.  A CR or tenant that fails is
  * reported and changes nothing else.  Runs in the supervisor.
  */
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <arpa/inet.h>
+#include <openssl/evp.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <stdio.h>
-#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "supervisor.h"
@@ -65,6 +71,119 @@ reconcile_resolve(const char *host, char *msg, size_t msgsz)
 	}
 	freeaddrinfo(res);
 	return arr;
+}
+
+/* STATE_DIR/trust: trust stores from the Destination service. */
+static int
+trust_dir(char *buf, size_t bufsz)
+{
+	if ((size_t)snprintf(buf, bufsz, "%s/trust", sup->st.state_dir) >= bufsz)
+		return -1;
+	if (mkdir(buf, 0700) == -1 && errno != EEXIST)
+		return -1;
+	return 0;
+}
+
+/* Write text to path whole or not at all, mode 0600. */
+static int
+write_file_atomic(const char *path, const char *text)
+{
+	char	tmp[PATH_MAX];
+	size_t	len = strlen(text), off = 0;
+	ssize_t	n;
+	int	fd;
+
+	if ((size_t)snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= sizeof(tmp))
+		return -1;
+	unlink(tmp);
+	if ((fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600)) == -1)
+		return -1;
+	while (off < len) {
+		if ((n = write(fd, text + off, len - off)) == -1 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		off += (size_t)n;
+	}
+	if (off < len || fsync(fd) == -1 || close(fd) == -1) {
+		if (off < len)
+			close(fd);
+		unlink(tmp);
+		return -1;
+	}
+	if (rename(tmp, path) == -1) {
+		unlink(tmp);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * A trust store the Destination service returned (upstream.ca_pem) becomes
+ * a file the proxy gets opened like any ssl.cafile: STATE_DIR/trust/<sha256
+ * of the content>.pem.  Named by content, so a changed certificate is a new
+ * file and reaches the running proxy as a changed configuration.
+ */
+static int
+reconcile_trust_file(json_t *resolved, char *msg, size_t msgsz)
+{
+	json_t		*up = json_object_get(resolved, "upstream");
+	const char	*pem = json_string_value(json_object_get(up, "ca_pem"));
+	unsigned char	 md[EVP_MAX_MD_SIZE];
+	unsigned int	 mdlen, i;
+	char		 dir[PATH_MAX], hex[2 * EVP_MAX_MD_SIZE + 1];
+	char		 path[PATH_MAX + 2 * EVP_MAX_MD_SIZE + 8];
+
+	if (pem == NULL)
+		return 0;
+	if (EVP_Digest(pem, strlen(pem), md, &mdlen, EVP_sha256(), NULL) != 1) {
+		snprintf(msg, msgsz, "cannot hash the trust store");
+		return -1;
+	}
+	for (i = 0; i < mdlen; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	if (trust_dir(dir, sizeof(dir)) == -1) {
+		snprintf(msg, msgsz, "cannot make the trust store directory in "
+		    "%.*s: %s", (int)(msgsz / 2), sup->st.state_dir,
+		    strerror(errno));
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/%s.pem", dir, hex);
+	if (access(path, R_OK) == -1 && write_file_atomic(path, pem) == -1) {
+		snprintf(msg, msgsz, "cannot write the trust store %.*s: %s",
+		    (int)(msgsz / 2), path, strerror(errno));
+		return -1;
+	}
+	json_object_set_new(up, "cafile", json_string(path));
+	json_object_del(up, "ca_pem");
+	return 0;
+}
+
+/* Remove the trust store files no service uses any more. */
+static void
+reconcile_trust_gc(void)
+{
+	struct service	*sv;
+	DIR		*dp;
+	struct dirent	*de;
+	char		 dir[PATH_MAX], path[PATH_MAX + 256];
+	int		 used;
+
+	if ((size_t)snprintf(dir, sizeof(dir), "%s/trust", sup->st.state_dir) >=
+	    sizeof(dir) || (dp = opendir(dir)) == NULL)
+		return;
+	while ((de = readdir(dp)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		used = 0;
+		TAILQ_FOREACH(sv, &sup->services, sv_entry)
+			if (sv->sv_ca != NULL && strcmp(sv->sv_ca, path) == 0)
+				used = 1;
+		if (!used)
+			unlink(path);
+	}
+	closedir(dp);
 }
 
 /* What the tenant proxy receives: the resolved destination plus limits. */
@@ -220,7 +339,7 @@ reconcile_lookup(struct cr *cr, const char *tenant, json_t **resolved,
     const char **stale, const char **reason, char *msg, size_t msgsz)
 {
 	const char	*instance = reconcile_instance(cr);
-	json_t		*d, *res, *tokens;
+	json_t		*d, *res, *tokens, *certs;
 	int		 r;
 
 	if ((d = destination_find(sup->destinations, tenant, cr->cr_dest)) !=
@@ -238,9 +357,15 @@ reconcile_lookup(struct cr *cr, const char *tenant, json_t **resolved,
 		tokens = json_array();
 	else
 		json_incref(tokens);
+	if ((certs = json_object_get(res, "certificates")) == NULL)
+		certs = json_array();
+	else
+		json_incref(certs);
 	*resolved = destination_translate(json_object_get(res,
-	    "destinationConfiguration"), tokens, &sup->st, reason, msg, msgsz);
+	    "destinationConfiguration"), tokens, certs, &sup->st, reason, msg,
+	    msgsz);
 	json_decref(tokens);
+	json_decref(certs);
 	if (*resolved == NULL)
 		return -1;
 	json_object_set_new(*resolved, "from_service", json_true());
@@ -295,6 +420,11 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		}
 		if (r == -1)
 			goto tenant_failed;
+		if (reconcile_trust_file(resolved, msg, sizeof(msg)) == -1) {
+			json_decref(resolved);
+			reason = R_CONFIG_FAILED;
+			goto tenant_failed;
+		}
 		if ((config = reconcile_config(key, tenant, resolved, msg,
 		    sizeof(msg))) == NULL) {
 			json_decref(resolved);
@@ -431,6 +561,7 @@ reconcile_all(void)
 	for (i = 0; i < n; i++)
 		cr_free(crs[i]);
 	free(crs);
+	reconcile_trust_gc();
 	reconcile_log_rejected(sup->rejected, rejected);
 	json_decref(sup->rejected);
 	sup->rejected = rejected;

@@ -24,7 +24,8 @@ enum {
 	OPT_LOG_FORMAT, OPT_SERVICE_KEYS, OPT_DEFAULT_INSTANCE, OPT_POLL,
 	OPT_CONN_PROXY, OPT_CONN_KEY, OPT_RESOLVE, OPT_KUBERNETES, OPT_KUBE_API,
 	OPT_KUBE_CA, OPT_KUBE_TOKEN, OPT_NAMESPACE, OPT_POD_SELECTOR,
-	OPT_WATCH_NS, OPT_IDENTITY, OPT_LEASE, OPT_ALLOW_LOOPBACK, OPT_HELP,
+	OPT_WATCH_NS, OPT_IDENTITY, OPT_LEASE, OPT_ALLOW_LOOPBACK, OPT_SERVICE_CA,
+	OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -56,6 +57,7 @@ static const struct option long_opts[] = {
 	{ "connectivity-proxy", required_argument, NULL, OPT_CONN_PROXY },
 	{ "connectivity-key", required_argument, NULL, OPT_CONN_KEY },
 	{ "resolve", required_argument, NULL, OPT_RESOLVE },
+	{ "service-ca", required_argument, NULL, OPT_SERVICE_CA },
 	{ "kubernetes", no_argument, NULL, OPT_KUBERNETES },
 	{ "kube-api", required_argument, NULL, OPT_KUBE_API },
 	{ "kube-ca", required_argument, NULL, OPT_KUBE_CA },
@@ -125,6 +127,8 @@ usage(FILE *f)
 "  --connectivity-proxy HOST:PORT  the connectivity proxy's SOCKS5 (OnPremise)\n"
 "  --connectivity-key FILE         its service key (tokens per tenant)\n"
 "  --resolve HOST:PORT:ADDR        as curl's --resolve, for control-plane URLs\n"
+"  --service-ca FILE      the only CAs trusted for the token endpoints and the\n"
+"                         Destination service (default: the system's)\n"
 "\n"
 "Kubernetes mode: tpmaild --kubernetes [--kube-api URL --kube-ca FILE\n"
 "  --kube-token-file FILE] [--namespace NS] [--pod-selector k=v,...]\n"
@@ -273,6 +277,10 @@ settings_apply(struct settings *st, int opt, const char *val)
 		if (st->resolve == NULL)
 			st->resolve = json_array();
 		json_array_append_new(st->resolve, json_string(val));
+		return 0;
+	case OPT_SERVICE_CA:
+		free(st->service_ca);
+		st->service_ca = strdup(val);
 		return 0;
 	case OPT_LOG_FORMAT:
 		if (strcmp(val, "json") == 0)
@@ -504,6 +512,12 @@ settings_load(struct settings *st, int argc, char **argv)
 		return -1;
 	if (st->proxy_path == NULL)
 		st->proxy_path = default_proxy_path();
+	/* a typo would otherwise show only as failing requests, later */
+	if (st->service_ca != NULL && access(st->service_ca, R_OK) == -1) {
+		fprintf(stderr, "tpmaild: --service-ca %s: %s\n", st->service_ca,
+		    strerror(errno));
+		return -1;
+	}
 	if (asprintf(&st->empty_dir, "%s/empty", st->state_dir) == -1)
 		return -1;
 	if (st->uid_base + (st->port_max - st->port_min) > 2000000000) {
@@ -530,6 +544,7 @@ settings_free(struct settings *st)
 	free(st->default_instance);
 	free(st->connectivity_proxy);
 	free(st->connectivity_key);
+	free(st->service_ca);
 	json_decref(st->resolve);
 	free(st->kube_api);
 	free(st->kube_ca);

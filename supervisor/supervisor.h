@@ -58,6 +58,7 @@ struct settings {
 	char	*connectivity_proxy;	/* HOST:PORT of its SOCKS5 endpoint */
 	char	*connectivity_key;	/* its service key file */
 	json_t	*resolve;		/* HOST:PORT:ADDR strings (curl --resolve) */
+	char	*service_ca;		/* CA file for the control plane, or NULL */
 	int	 kubernetes;		/* CRs from the API server, not files */
 	char	*kube_api;
 	char	*kube_ca;
@@ -182,7 +183,10 @@ void		 cr_free(struct cr *);
 json_t	*destinations_load(const char *path, char *err, size_t errsz);
 json_t	*destination_find(json_t *dests, const char *tenant, const char *name);
 json_t	*destination_translate(json_t *d, json_t *auth_tokens,
-	    const struct settings *, const char **reason, char *msg, size_t msgsz);
+	    json_t *certificates, const struct settings *, const char **reason,
+	    char *msg, size_t msgsz);
+json_t	*destination_reply_parse(const char *body, size_t len, char *err,
+	    size_t errsz);
 json_t	*destination_resolve(json_t *dests, const char *tenant, const char *name,
 	    const struct settings *, const char **reason, char *msg, size_t msgsz);
 
