@@ -23,6 +23,7 @@
 #include "params.h"
 #include "proxy.h"
 #include "secret.h"
+#include "socks5.h"
 
 enum upstream_state {
 	UP_CONNECT,
@@ -618,24 +619,6 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 	}
 }
 
-/* SAP's meanings of the SOCKS5 reply codes (reference section 4). */
-static const char *
-socks_reply_name(int rep)
-{
-	switch (rep) {
-	case 1: return "general failure (backend closed the connection)";
-	case 2: return "forbidden (no Cloud Connector mapping for the host)";
-	case 3: return "network unreachable (Cloud Connector not connected, "
-		    "or unknown location id)";
-	case 4: return "host unreachable (cannot open the backend)";
-	case 5: return "connection refused (authentication failure: token "
-		    "rejected)";
-	case 7: return "command not supported";
-	case 8: return "address type not supported";
-	}
-	return "unknown reply code";
-}
-
 /* Method 0x80 accepted: the tenant's token and the location id. */
 static void
 upstream_socks_auth(struct upstream *u)
@@ -694,72 +677,64 @@ upstream_socks_connect(struct upstream *u)
 static int
 upstream_socks_read(struct upstream *u)
 {
-	struct evbuffer	*in = bufferevent_get_input(u->up_bev);
-	unsigned char	 b[8];
-	char		 reason[200];
-	size_t		 need;
+	struct evbuffer		*in = bufferevent_get_input(u->up_bev);
+	unsigned char		 b[SOCKS5_REPLY_MAX];
+	char			 reason[200];
+	struct socks5_status	 st;
+	enum socks5_reply	 which;
+	ev_ssize_t		 n;
 
 	switch (u->up_state) {
 	case UP_SOCKS_METHOD:
-		/* wait for the whole reply: a partial remove would lose bytes */
-		if (evbuffer_get_length(in) < 2)
-			return 0;
-		evbuffer_remove(in, b, 2);
-		if (b[0] != 0x05 || b[1] != 0x80) {
-			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
-			    "refused SOCKS5 authentication method 0x80");
-			return 0;
-		}
-		upstream_socks_auth(u);
-		return 1;
+		which = SOCKS5_METHOD;
+		break;
 	case UP_SOCKS_AUTH:
-		if (evbuffer_get_length(in) < 2)
-			return 0;
-		evbuffer_remove(in, b, 2);
-		if (b[0] != 0x01 || b[1] != 0x00) {
-			upstream_fail(u, "SYS/TEMP", "the connectivity proxy "
-			    "rejected the tenant's token or location id");
-			return 0;
-		}
-		upstream_socks_connect(u);
-		return 1;
+		which = SOCKS5_AUTH;
+		break;
 	case UP_SOCKS_CONNECT:
-		if (evbuffer_copyout(in, b, 5) < 5)
-			return 0;
-		if (b[0] != 0x05) {
-			upstream_fail(u, "SYS/TEMP", "malformed SOCKS5 reply from "
-			    "the connectivity proxy");
-			return 0;
-		}
-		if (b[1] != 0x00) {
-			log_warnx("session=%lu connectivity proxy reply code %d",
-			    session_id(u->up_session), b[1]);
-			snprintf(reason, sizeof(reason), "connectivity proxy "
-			    "reply %d: %s", b[1], socks_reply_name(b[1]));
-			upstream_fail(u, "SYS/TEMP", reason);
-			return 0;
-		}
-		need = b[3] == 0x01 ? 10 : b[3] == 0x04 ? 22 : b[3] == 0x03 ?
-		    (size_t)7 + b[4] : 0;
-		if (need == 0) {
-			upstream_fail(u, "SYS/TEMP", "malformed SOCKS5 reply from "
-			    "the connectivity proxy");
-			return 0;
-		}
-		if (evbuffer_get_length(in) < need)
-			return 0;
-		evbuffer_drain(in, need);
-		log_debug("session=%lu connectivity proxy connected to %s:%d",
-		    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port);
-		if (u->up_cfg->tls == UPSTREAM_TLS_IMPLICIT) {
-			upstream_start_tls(u, UP_TLS_CONNECT);
-			return 0;
-		}
-		u->up_state = UP_GREETING;
-		return 1;
+		which = SOCKS5_CONNECT;
+		break;
 	default:
 		return 0;
 	}
+	/* copied, not removed: a partial reply stays for the next read */
+	if ((n = evbuffer_copyout(in, b, sizeof(b))) <= 0)
+		return 0;
+	switch (socks5_reply_parse(which, b, n, &st)) {
+	case SOCKS5_NEED_MORE:
+		return 0;
+	case SOCKS5_ERROR:
+		if (which == SOCKS5_CONNECT && st.code > 0) {
+			log_warnx("session=%lu connectivity proxy reply code %d",
+			    session_id(u->up_session), st.code);
+			snprintf(reason, sizeof(reason), "connectivity proxy "
+			    "reply %d: %s", st.code, st.message);
+			upstream_fail(u, "SYS/TEMP", reason);
+		} else
+			upstream_fail(u, "SYS/TEMP", st.message);
+		return 0;
+	case SOCKS5_DONE:
+		break;
+	}
+	evbuffer_drain(in, st.consumed);
+	switch (which) {
+	case SOCKS5_METHOD:
+		upstream_socks_auth(u);
+		return 1;
+	case SOCKS5_AUTH:
+		upstream_socks_connect(u);
+		return 1;
+	case SOCKS5_CONNECT:
+		break;
+	}
+	log_debug("session=%lu connectivity proxy connected to %s:%d",
+	    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port);
+	if (u->up_cfg->tls == UPSTREAM_TLS_IMPLICIT) {
+		upstream_start_tls(u, UP_TLS_CONNECT);
+		return 0;
+	}
+	u->up_state = UP_GREETING;
+	return 1;
 }
 
 static void
