@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 
@@ -98,19 +99,41 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 
 class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     """A ThreadingHTTPServer on loopback that runs in a daemon thread,
-    remembers its open connections and closes all of them on close()."""
+    remembers its open connections and closes all of them on close().
+
+    ``tls``: an ``ssl.SSLContext`` (server side) to serve HTTPS with; the
+    handshake runs in the connection's thread, and a failed one is recorded
+    in ``tls_errors`` (its text, e.g. a client certificate that does not
+    verify) instead of reaching a handler."""
 
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, handler, host=HOST, port=0, verbose=False):
+    def __init__(self, handler, host=HOST, port=0, verbose=False, tls=None):
         super().__init__((host, port), handler)
         self.verbose = verbose
+        self.tls = tls
+        self.tls_errors = []
         self._conns = set()
         self._conns_lock = threading.Lock()
         self._thread = None
         self.closed = threading.Event()
+
+    @property
+    def scheme(self):
+        return "https" if self.tls is not None else "http"
+
+    def finish_request(self, request, client_address):
+        if self.tls is not None:
+            try:
+                request.settimeout(IDLE_TIMEOUT)
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                with self._conns_lock:
+                    self.tls_errors.append(str(e))
+                return
+        super().finish_request(request, client_address)
 
     @property
     def port(self):
@@ -118,6 +141,8 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         sock, addr = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._conns_lock:
             self._conns.add(sock)
         return sock, addr

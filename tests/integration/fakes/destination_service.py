@@ -23,6 +23,11 @@ destinations (404 for an unknown name).  The reply is SAP's shape:
 * OAuth2AuthorizationCode: likewise with ``X-code`` (``add_code``; each
   code works once, like a real authorization code)
 
+``certificates``: the certificates a destination's ``TrustStoreLocation``
+and ``KeyStoreLocation`` name, from ``ds.put_certificate(tenant, name,
+data)`` (``{"Name", "Type": "CERTIFICATE", "Content": base64}``), as SAP
+returns them with find-destination.  HTTPS with ``tls=<server context>``.
+
 Access tokens for mail users are checked by Dovecot's oauth2 passdb at
 ``POST /mail-oauth/introspect`` (``token=...``; introspection_mode = post):
 ``{"active": true, "username": user}`` while valid.  That endpoint is never
@@ -56,13 +61,14 @@ FAIL_MODES = (None, "500", "hang", "malformed", "401", "503")
 
 class DestinationService:
     def __init__(self, token_service, client_id=None, client_secret=None, name="dest-instance",
-                 mail_token_ttl=3600, hang_max=30.0, port=0, verbose=False):
+                 mail_token_ttl=3600, hang_max=30.0, port=0, verbose=False, tls=None):
         self.ts = token_service
         self.name = name
         self.client_id = client_id or "sb-%s!b%d" % (name, os.getpid())
         self.client_secret = client_secret or common.random_secret("dest-client")
         self.ts.add_client(self.client_id, self.client_secret)
         self.destinations = {}          # tenant -> {name: {props}}
+        self.certificates = {}          # tenant -> {name: certificate object}
         self.requests = []              # every find-destination request
         self.introspections = []        # every introspection request
         self.mail_tokens = {}           # access token -> {"user", "exp"}
@@ -75,7 +81,7 @@ class DestinationService:
         self._release = threading.Event()
         self.lock = threading.RLock()
         handler = type("Handler", (_Handler,), {"ds": self})
-        self.server = common.BoundedHTTPServer(handler, port=port, verbose=verbose)
+        self.server = common.BoundedHTTPServer(handler, port=port, verbose=verbose, tls=tls)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -98,7 +104,7 @@ class DestinationService:
         return self.server.port
 
     def url(self):
-        return "http://%s:%d" % (common.HOST, self.port)
+        return "%s://%s:%d" % (self.server.scheme, common.HOST, self.port)
 
     @property
     def introspection_url(self):
@@ -136,6 +142,18 @@ class DestinationService:
                     d.pop(k, None)
                 else:
                     d[k] = v
+
+    def put_certificate(self, tenant, name, data, ctype="CERTIFICATE"):
+        """A certificate (bytes: PEM or DER) destinations can name."""
+        with self.lock:
+            self.certificates.setdefault(tenant, {})[name] = {
+                "Name": name, "Type": ctype, "Content": base64.b64encode(data).decode()}
+
+    def _certificates(self, tenant, d):
+        names = [d.get(k) for k in ("TrustStoreLocation", "KeyStoreLocation") if d.get(k)]
+        with self.lock:
+            have = self.certificates.get(tenant, {})
+            return [dict(have[n]) for n in names if n in have]
 
     def remove(self, tenant, name):
         with self.lock:
@@ -300,6 +318,9 @@ class _Handler(common.QuietHandler):
                 "destinationConfiguration": d}
         if query.get("$skipTokenRetrieval", ["false"])[0] != "true":
             body["authTokens"] = ds._auth_tokens(d, self.headers, rec)
+        certs = ds._certificates(tenant, d)
+        if certs:
+            body["certificates"] = certs
         answer(200, body)
 
     def do_POST(self):

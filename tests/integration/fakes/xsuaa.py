@@ -13,9 +13,16 @@ and are valid only until ``expires_in`` runs out.
     ts.resolve_args()   -> ["prov-subaccount.auth.test:PORT:127.0.0.1", ...]
     ts.lookup(token)    -> {"tenant", "client_id", "exp", ...} or None
 
+HTTPS with ``tls=<server ssl.SSLContext>`` (``fakes.pki``); a context that
+requires client certificates makes it the ``certurl`` of x.509 service
+keys: ``ts.add_cert_client(client_id, cert)`` registers the certificate
+whose fingerprint identifies that client, and a token is issued only to a
+connection whose client certificate has that fingerprint (no secret).
+
 Endpoints:
   POST /oauth/token   grant_type=client_credentials, client_id; HTTP Basic
-                      client_id:client_secret (or client_secret in the body)
+                      client_id:client_secret (or client_secret in the body),
+                      or a client certificate for an x.509 client
   POST /introspect    token=...  -> {"active": bool, "client_id", "zdn", "exp"}
 
 Script: ``python3 xsuaa.py --client ID:SECRET --tenant tenant-a [--port N]
@@ -39,7 +46,7 @@ PROVIDER = "provider"
 
 class TokenService:
     def __init__(self, domain="auth.test", provider_subdomain="prov-subaccount", tenants=(),
-                 expires_in=3600, pad_to=0, name="xsuaa", port=0, verbose=False):
+                 expires_in=3600, pad_to=0, name="xsuaa", port=0, verbose=False, tls=None):
         self.domain = domain
         self.provider_subdomain = provider_subdomain
         self.tenants = set(tenants)
@@ -47,13 +54,14 @@ class TokenService:
         self.pad_to = pad_to
         self.name = name
         self.clients = {}               # client_id -> secret
+        self.cert_clients = {}          # client_id -> sha256 of its certificate
         self.tokens = {}                # token -> record
         self.requests = []              # every /oauth/token request
         self.fail = None                # None, or an HTTP status to answer with
         self.lock = threading.Lock()
         self._key = common.random_secret("jwtkey").encode()
         handler = type("Handler", (_Handler,), {"ts": self})
-        self.server = common.BoundedHTTPServer(handler, port=port, verbose=verbose)
+        self.server = common.BoundedHTTPServer(handler, port=port, verbose=verbose, tls=tls)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -80,6 +88,16 @@ class TokenService:
         with self.lock:
             self.clients[client_id] = secret
 
+    def add_cert_client(self, client_id, cert):
+        """An x.509 client: ``cert`` (PEM path or text) authenticates it."""
+        with self.lock:
+            self.cert_clients[client_id] = _fingerprint(cert)
+
+    @property
+    def tls_errors(self):
+        """Handshakes that failed (e.g. a client certificate of another CA)."""
+        return list(self.server.tls_errors)
+
     def add_tenant(self, tenant):
         with self.lock:
             self.tenants.add(tenant)
@@ -91,7 +109,7 @@ class TokenService:
         return "%s.%s" % (self.subdomain(tenant), self.domain)
 
     def url(self, tenant=None):
-        return "http://%s:%d" % (self.host(tenant), self.port)
+        return "%s://%s:%d" % (self.server.scheme, self.host(tenant), self.port)
 
     def resolve_args(self, tenants=()):
         """curl-style HOST:PORT:ADDR entries for the provider and ``tenants``
@@ -161,6 +179,14 @@ class TokenService:
                     if (tenant is None or r["tenant"] == tenant) and (not ok or r["status"] == 200)]
 
 
+def _fingerprint(cert):
+    try:
+        from .pki import fingerprint
+    except ImportError:                 # run as a script
+        from pki import fingerprint
+    return fingerprint(cert)
+
+
 class _Handler(common.QuietHandler):
     ts = None  # set per server
 
@@ -194,9 +220,15 @@ class _Handler(common.QuietHandler):
                 basic_secret = urllib.parse.unquote(basic_secret)
             except Exception:  # noqa: BLE001
                 basic_id = basic_secret = None
+        peer = None
+        if ts.server.tls is not None:
+            der = self.connection.getpeercert(binary_form=True)
+            if der:
+                peer = _fingerprint(der)
         rec = {"time": time.time(), "host": host, "tenant": tenant, "form": dict(form),
                "basic_user": basic_id, "content_type": self.headers.get("Content-Type"),
-               "status": None, "error": None}
+               "client_cert": peer, "status": None, "error": None,
+               "secret_sent": "client_secret" in form or bool(basic_secret)}
         rec["form"].pop("client_secret", None)
 
         def answer(code, obj, err=None):
@@ -220,7 +252,15 @@ class _Handler(common.QuietHandler):
             return answer(401, {"error": "invalid_client"}, "client_id in body != Basic user")
         with ts.lock:
             known = ts.clients.get(client_id)
-        if known is None or secret != known:
+            known_cert = ts.cert_clients.get(client_id)
+        if peer is not None and known_cert is not None:
+            # x.509: the certificate is the credential; no secret is sent
+            if peer != known_cert:
+                return answer(401, {"error": "unauthorized",
+                                    "error_description": "Client certificate does not "
+                                                         "match the client"},
+                              "certificate of another client")
+        elif known is None or secret != known:
             return answer(401, {"error": "unauthorized",
                                 "error_description": "Bad credentials"}, "bad credentials")
         tok, ttl = ts.issue(tenant, client_id)
