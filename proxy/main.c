@@ -15,6 +15,7 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -50,13 +51,56 @@ proxy_send(int type, json_t *body)
 	json_decref(body);
 }
 
+static struct event	*stats_timer;
+static struct timeval	 stats_sent;
+
 static void
-proxy_send_stats(void)
+proxy_send_stats_now(void)
 {
+	if (stats_timer != NULL)
+		evtimer_del(stats_timer);
+	gettimeofday(&stats_sent, NULL);
 	proxy_send(MSG_STATS, json_pack("{s:I,s:I,s:I,s:o}", "active",
 	    (json_int_t)proxy->active, "total", (json_int_t)proxy->total,
 	    "failed", (json_int_t)proxy->failed, "counters",
 	    stats_json(&proxy->stats)));
+}
+
+static void
+proxy_stats_timer_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	proxy_send_stats_now();
+}
+
+/*
+ * The counters changed.  At most one MSG_STATS per PARAM_STATS_INTERVAL_MS:
+ * encoding them and tpmaild decoding them cost more than a short session
+ * itself, so a burst of sessions shares one report, sent when the interval
+ * is over (and at exit).
+ */
+static void
+proxy_send_stats(void)
+{
+	struct timeval	now, d, wait;
+
+	if (stats_timer == NULL)
+		stats_timer = evtimer_new(proxy->base, proxy_stats_timer_cb, NULL);
+	if (stats_timer == NULL) {
+		proxy_send_stats_now();
+		return;
+	}
+	if (evtimer_pending(stats_timer, NULL))
+		return;
+	gettimeofday(&now, NULL);
+	timersub(&now, &stats_sent, &d);
+	if (d.tv_sec > 0 || d.tv_usec >= PARAM_STATS_INTERVAL_MS * 1000 ||
+	    d.tv_sec < 0) {
+		proxy_send_stats_now();
+		return;
+	}
+	wait.tv_sec = 0;
+	wait.tv_usec = PARAM_STATS_INTERVAL_MS * 1000 - d.tv_usec;
+	evtimer_add(stats_timer, &wait);
 }
 
 void
@@ -114,9 +158,11 @@ proxy_session_closed(enum session_outcome outcome, int failed,
 	stats_observe(&proxy->stats.st_duration, duration);
 	if (error != NULL)
 		proxy_send(MSG_EVENT, json_pack("{s:s}", "error", error));
-	proxy_send_stats();
-	if (proxy->draining && proxy->active == 0)
+	if (proxy->draining && proxy->active == 0) {
+		proxy_send_stats_now();		/* the last word */
 		event_base_loopexit(proxy->base, NULL);
+	} else
+		proxy_send_stats();
 }
 
 static void
@@ -278,7 +324,7 @@ proxy_dispatch(evutil_socket_t fd, short ev, void *arg)
 		proxy_drain(grace >= 0 ? (int)grace : PARAM_DRAIN_GRACE, "asked");
 		break;
 	case MSG_STATS_REQ:
-		proxy_send_stats();
+		proxy_send_stats_now();
 		break;
 	case MSG_LOG_LEVEL:
 		proxy_apply_log_level(m.body);
@@ -465,6 +511,8 @@ main(int argc, char *argv[])
 	    proxy->cfg->port, proxy->cfg->tls, proxy->cfg->max_sessions);
 
 	event_base_dispatch(proxy->base);
+	if (stats_timer != NULL && evtimer_pending(stats_timer, NULL))
+		proxy_send_stats_now();
 
 	log_info("exiting: sessions total=%lu failed=%lu", proxy->total,
 	    proxy->failed);
@@ -472,6 +520,8 @@ main(int argc, char *argv[])
 	config_unref(proxy->cfg);
 	event_free(sigterm);
 	event_free(sigint);
+	if (stats_timer != NULL)
+		event_free(stats_timer);
 	if (proxy->chan_ev)
 		event_free(proxy->chan_ev);
 	if (proxy->drain_timer)

@@ -34,5 +34,7 @@
 #define PARAM_ACCEPT_PAUSE	1
 /* Seconds to finish open sessions after a drain, unless configured. */
 #define PARAM_DRAIN_GRACE	30
+/* Milliseconds between two counter reports to tpmaild, at most one each. */
+#define PARAM_STATS_INTERVAL_MS	100
 
 #endif

@@ -16,9 +16,13 @@
 #include <strings.h>
 #include <sys/queue.h>
 #include <sys/time.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
 
 #include "log.h"
 #include "params.h"
@@ -59,6 +63,7 @@ struct session {
 	struct bufferevent	*se_client;
 	struct upstream		*se_up;
 	struct bufferevent	*se_ubev;	/* upstream's, once ready */
+	struct event		*se_uread;	/* our own reader of a plain one */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
 	int			 se_inflight;	/* relayed, reply not complete */
@@ -87,6 +92,27 @@ static void	session_authwait_read(struct session *);
 static void	session_client_read(struct session *);
 static void	session_close(struct session *, int, const char *);
 static void	session_close_flush(struct session *, int, const char *);
+static void	session_upstream_event_cb(struct bufferevent *, short, void *);
+
+/*
+ * Reading from the mail server on or off.  A plain TCP upstream is read by
+ * the session's own event (see session_upstream_fd_cb); a TLS one by its
+ * bufferevent.
+ */
+static void
+session_upstream_reading(struct session *s, int on)
+{
+	if (s->se_uread == NULL) {
+		if (on)
+			bufferevent_enable(s->se_ubev, EV_READ);
+		else
+			bufferevent_disable(s->se_ubev, EV_READ);
+	} else if (!on)
+		event_del(s->se_uread);
+	else if (!event_pending(s->se_uread, EV_READ, NULL))
+		event_add(s->se_uread, &(struct timeval){
+		    s->se_cfg->idle_timeout, 0 });
+}
 
 unsigned long
 session_id(struct session *s)
@@ -363,7 +389,7 @@ session_upstream_read(struct session *s)
 		/* half the budget each way: upstream input, client output */
 		if (evbuffer_get_length(out) >= (size_t)s->se_cfg->max_buffer / 2) {
 			/* slow client: stop reading upstream until it drains */
-			bufferevent_disable(s->se_ubev, EV_READ);
+			session_upstream_reading(s, 0);
 			return;
 		}
 		p = TAILQ_FIRST(&s->se_queue);
@@ -414,6 +440,68 @@ session_upstream_read_cb(struct bufferevent *bev, void *arg)
 	session_upstream_read(arg);
 }
 
+/*
+ * The plain upstream's reader.  libevent 2.1's socket bufferevent reads
+ * 4 KiB per call with an ioctl before each; this reads PARAM_READ_SIZE at
+ * a time into the same input buffer, up to half the session's buffer
+ * budget, then hands it to session_upstream_read.  A short read means the
+ * socket is drained, so no read is spent on EAGAIN.
+ */
+static void
+session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session		*s = arg;
+	struct evbuffer		*in = bufferevent_get_input(s->se_ubev);
+	struct evbuffer_iovec	 v[2];
+	struct iovec		 iov[2];
+	size_t			 limit = s->se_cfg->max_buffer / 2, want, got;
+	ssize_t			 n = 1;
+	int			 i, nv, err = 0;
+
+	if (what & EV_TIMEOUT) {
+		session_upstream_event_cb(s->se_ubev,
+		    BEV_EVENT_READING | BEV_EVENT_TIMEOUT, s);
+		return;
+	}
+	/* a socket bufferevent keeps its input's end frozen but while it reads */
+	evbuffer_unfreeze(in, 0);
+	while (evbuffer_get_length(in) < limit) {
+		if ((nv = evbuffer_reserve_space(in, PARAM_READ_SIZE, v, 2)) <= 0) {
+			err = ENOMEM;
+			break;
+		}
+		for (i = 0, want = 0; i < nv; i++) {
+			iov[i].iov_base = v[i].iov_base;
+			iov[i].iov_len = v[i].iov_len;
+			want += v[i].iov_len;
+		}
+		if ((n = readv(fd, iov, nv)) <= 0) {
+			evbuffer_commit_space(in, v, 0);
+			if (n == -1 && (errno == EAGAIN || errno == EINTR))
+				n = 1;
+			else if (n == -1)
+				err = errno;
+			break;
+		}
+		got = n;
+		for (i = 0; i < nv && got > v[i].iov_len; i++)
+			got -= v[i].iov_len;
+		v[i].iov_len = got;
+		evbuffer_commit_space(in, v, i + 1);
+		if ((size_t)n < want)
+			break;		/* a short read: the socket is drained */
+	}
+	evbuffer_freeze(in, 0);
+	session_upstream_read(s);
+	if (s->se_state != SESSION_RELAY)
+		return;
+	if (n == 0 || err != 0) {
+		event_del(s->se_uread);
+		session_upstream_event_cb(s->se_ubev, BEV_EVENT_READING |
+		    (n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR), s);
+	}
+}
+
 /* Upstream output drained: resume reading a client we paused. */
 static void
 session_upstream_write_cb(struct bufferevent *bev, void *arg)
@@ -435,7 +523,7 @@ session_upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (what & BEV_EVENT_TIMEOUT) {
 		if (s->se_inflight == 0) {
 			/* nothing owed: the server may be quiet */
-			bufferevent_enable(bev, EV_READ);
+			session_upstream_reading(s, 1);
 			return;
 		}
 		session_close_flush(s, 1, "mail server timed out");
@@ -471,7 +559,7 @@ session_client_write_cb(struct bufferevent *bev, void *arg)
 		return;
 	}
 	if (s->se_state == SESSION_RELAY && s->se_ubev != NULL) {
-		bufferevent_enable(s->se_ubev, EV_READ);
+		session_upstream_reading(s, 1);
 		session_upstream_read(s);
 	}
 }
@@ -693,7 +781,16 @@ session_upstream_ready(struct session *s)
 	 */
 	bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
 	    s->se_cfg->idle_timeout, 0 }, NULL);
-	bufferevent_enable(s->se_ubev, EV_READ | EV_WRITE);
+	bufferevent_enable(s->se_ubev, EV_WRITE);
+	if (bufferevent_openssl_get_ssl(s->se_ubev) == NULL &&
+	    bufferevent_getfd(s->se_ubev) != -1 &&
+	    evbuffer_get_length(bufferevent_get_input(s->se_ubev)) == 0 &&
+	    (s->se_uread = event_new(proxy->base, bufferevent_getfd(s->se_ubev),
+	    EV_READ | EV_PERSIST, session_upstream_fd_cb, s)) != NULL)
+		bufferevent_disable(s->se_ubev, EV_READ);
+	session_upstream_reading(s, 1);
+	/* the client's writes are as large as the budget allows */
+	bufferevent_set_max_single_write(s->se_client, s->se_cfg->max_buffer);
 	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
 		session_close(s, 1, "out of memory");
 		return;
@@ -735,6 +832,8 @@ session_close_flush(struct session *s, int failed, const char *reason)
 	s->se_reason = strdup(reason);
 	if (s->se_ubev != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
+	if (s->se_uread != NULL)
+		event_del(s->se_uread);
 	bufferevent_disable(s->se_client, EV_READ);
 	if (s->se_client_gone) {
 		session_close(s, failed, reason);
@@ -758,6 +857,8 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	while ((p = TAILQ_FIRST(&s->se_queue)) != NULL)
 		session_pending_free(s, p);
 	/* no QUIT is ever sent here: an unfinished session commits nothing */
+	if (s->se_uread != NULL)
+		event_free(s->se_uread);	/* before its socket closes */
 	upstream_free(s->se_up);
 	bufferevent_free(s->se_client);
 	config_unref(s->se_cfg);
@@ -802,6 +903,8 @@ session_close(struct session *s, int failed, const char *reason)
 	bufferevent_disable(s->se_client, EV_READ | EV_WRITE);
 	if (s->se_ubev != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
+	if (s->se_uread != NULL)
+		event_del(s->se_uread);
 	proxy_session_closed(session_outcome(s, reason), failed,
 	    failed ? reason : NULL, d.tv_sec + d.tv_usec / 1e6, s->se_bytes_up,
 	    s->se_bytes_down);
