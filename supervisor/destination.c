@@ -599,7 +599,7 @@ destination_translate(json_t *d, json_t *auth_tokens, json_t *certificates,
 	if (store != NULL && (ca_pem = trust_store_pem(certificates, name, store,
 	    reason, msg, msgsz)) == NULL)
 		return NULL;
-	out = json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:s?,s:b},"
+	out = json_pack("{s:s,s:i,s:{s:s,s:i,s:s,s:s?,s:s*,s:b},"
 	    "s:{s:s,s:s?,s:s?,s:s?,s:s?}}",
 	    "protocol", proto,
 	    "default_port", strcmp(proto, "pop3s") == 0 ? 995 : 110,
