@@ -13,6 +13,9 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include "log.h"
 #include "supervisor.h"
@@ -24,7 +27,23 @@
 #define R_AUTHTYPE	"ConfigurationError-ReferencedDestination-AuthenticationNotSupported"
 #define R_PROPERTY	"ConfigurationError-ReferencedDestination-PropertyInvalid"
 
+#define R_TRUSTSTORE	"ConfigurationError-ReferencedDestination-TrustStoreInvalid"
+
 #define PASSWORD	"s3cret-Pa55"
+
+/* A test CA (public certificate only). */
+static const char ca_pem[] =
+	"-----BEGIN CERTIFICATE-----\n"
+	"MIIBhzCCAS2gAwIBAgIUd5uD1ZGIxOktsoV2bOqRcVxiR88wCgYIKoZIzj0EAwIw\n"
+	"GTEXMBUGA1UEAwwOdHBtYWlsLWZ1enotY2EwHhcNMjYxMTI3MTIwNzQ4WhcNMzYx\n"
+	"MTI0MTIwNzQ4WjAZMRcwFQYDVQQDDA50cG1haWwtZnV6ei1jYTBZMBMGByqGSM49\n"
+	"AgEGCCqGSM49AwEHA0IABLAWY1HJrAS5qhbNAySmlvnyngTejlcwB13CnFMQ9XZI\n"
+	"3mduTdf0ZJXyA8q8a+A/GVYqU7rBbDyUZSKyKHSv47ajUzBRMB0GA1UdDgQWBBRR\n"
+	"8O9+OUf4pztIA2P/zslzrVtfKjAfBgNVHSMEGDAWgBRR8O9+OUf4pztIA2P/zslz\n"
+	"rVtfKjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDtw2vuz5Ft\n"
+	"7SxUy2BciaVSIqwyhU0AtQyvHVZlrQoKBgIgXeBzafMovah80TjIybjlWH3pCAh5\n"
+	"LhmNLTfWZ2Vff8I=\n"
+	"-----END CERTIFICATE-----\n";
 
 /* Write text to a fresh temporary file ending in ext; returns its path. */
 static char *
@@ -663,6 +682,218 @@ test_load_valid(void **state)
 	json_decref(d);
 }
 
+/* ---- find-destination replies and their trust stores ---- */
+
+static char *
+b64_of(const void *data, size_t len)
+{
+	char	*out = malloc(4 * ((len + 2) / 3) + 1);
+
+	assert_non_null(out);
+	EVP_EncodeBlock((unsigned char *)out, data, (int)len);
+	return out;
+}
+
+/* The test CA as DER, base64. */
+static char *
+ca_der_b64(void)
+{
+	BIO		*b = BIO_new_mem_buf(ca_pem, -1);
+	X509		*x = PEM_read_bio_X509(b, NULL, NULL, NULL);
+	unsigned char	*der = NULL;
+	int		 n;
+	char		*out;
+
+	assert_non_null(x);
+	n = i2d_X509(x, &der);
+	assert_true(n > 0);
+	out = b64_of(der, (size_t)n);
+	OPENSSL_free(der);
+	X509_free(x);
+	BIO_free(b);
+	return out;
+}
+
+/* A pop3s destination naming trust store `store` (NULL: none). */
+static json_t *
+store_dest(const char *store)
+{
+	json_t	*d = with_props(sample_dest(), "mail.transport.protocol", "pop3s",
+	    "mail.pop3.host", NULL, "mail.pop3.port", NULL, "mail.pop3.auth",
+	    NULL, "mail.pop3s.host", "pop.example.com", NULL);
+
+	if (store != NULL)
+		json_object_set_new(d, "TrustStoreLocation", json_string(store));
+	return d;
+}
+
+static json_t *
+translate(json_t *d, json_t *certs, const char **reason, char *msg,
+    size_t msgsz)
+{
+	struct settings	 st;
+	json_t		*tokens = json_array(), *out;
+
+	memset(&st, 0, sizeof(st));
+	*reason = NULL;
+	msg[0] = '\0';
+	out = destination_translate(d, tokens, certs, &st, reason, msg, msgsz);
+	json_decref(tokens);
+	return out;
+}
+
+static json_t *
+cert_list(const char *name, const char *content)
+{
+	return json_pack("[{s:s,s:s,s:s}]", "Name", name, "Type", "CERTIFICATE",
+	    "Content", content);
+}
+
+static void
+expect_trust_fail(json_t *d, json_t *certs, const char *reason,
+    const char *sub)
+{
+	const char	*got;
+	char		 msg[512];
+	json_t		*out = translate(d, certs, &got, msg, sizeof(msg));
+
+	if (out != NULL) {
+		json_decref(out);
+		fail_msg("accepted, expected %s", reason);
+	}
+	if (got == NULL || strcmp(got, reason) != 0)
+		fail_msg("reason %s, expected %s (%s)", got ? got : "(null)",
+		    reason, msg);
+	if (strstr(msg, sub) == NULL)
+		fail_msg("message \"%s\" does not mention \"%s\"", msg, sub);
+	json_decref(d);
+	json_decref(certs);
+}
+
+static void
+test_trust_store(void **state)
+{
+	const char	*reason, *pem;
+	char		 msg[512], *b64, *with_key;
+	json_t		*out, *certs, *d;
+
+	/* PEM content: the certificate, as PEM, and no cafile */
+	b64 = b64_of(ca_pem, strlen(ca_pem));
+	certs = cert_list("mail-ca.pem", b64);
+	d = store_dest("mail-ca.pem");
+	out = translate(d, certs, &reason, msg, sizeof(msg));
+	if (out == NULL)
+		fail_msg("%s: %s", reason, msg);
+	pem = json_string_value(json_object_get(json_object_get(out,
+	    "upstream"), "ca_pem"));
+	assert_non_null(pem);
+	assert_string_equal(pem, ca_pem);
+	assert_null(json_string_value(json_object_get(json_object_get(out,
+	    "upstream"), "cafile")));
+	json_decref(out);
+	json_decref(d);
+	json_decref(certs);
+	free(b64);
+
+	/* DER content, with line breaks as base64 tools write it */
+	b64 = ca_der_b64();
+	with_key = malloc(strlen(b64) * 2);
+	assert_non_null(with_key);
+	snprintf(with_key, strlen(b64) * 2, "%.40s\n%s", b64, b64 + 40);
+	certs = cert_list("mail-ca.der", with_key);
+	d = store_dest("mail-ca.der");
+	out = translate(d, certs, &reason, msg, sizeof(msg));
+	if (out == NULL)
+		fail_msg("%s: %s", reason, msg);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+	    out, "upstream"), "ca_pem")), ca_pem);
+	json_decref(out);
+	json_decref(d);
+	json_decref(certs);
+	free(with_key);
+	free(b64);
+
+	/* a private key next to the certificate is dropped */
+	assert_true(asprintf(&with_key, "-----BEGIN PRIVATE KEY-----\n"
+	    "MC4CAQAwBQYDK2VwBCIEIPcqiZEBi0d9PpI5xY6nNwKBzyvYHmkQYp6OnM6AP8Pl\n"
+	    "-----END PRIVATE KEY-----\n%s", ca_pem) > 0);
+	b64 = b64_of(with_key, strlen(with_key));
+	certs = cert_list("mixed.pem", b64);
+	d = store_dest("mixed.pem");
+	out = translate(d, certs, &reason, msg, sizeof(msg));
+	if (out == NULL)
+		fail_msg("%s: %s", reason, msg);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+	    out, "upstream"), "ca_pem")), ca_pem);
+	json_decref(out);
+	json_decref(d);
+	json_decref(certs);
+	free(with_key);
+
+	/* refusals */
+	expect_trust_fail(store_dest("other.pem"), cert_list("mail-ca.pem", b64),
+	    R_TRUSTSTORE, "other.pem");
+	expect_trust_fail(store_dest("store.jks"), cert_list("store.jks", b64),
+	    R_TRUSTSTORE, "key stores");
+	expect_trust_fail(store_dest("bad.pem"), cert_list("bad.pem", "bm9wZQ=="),
+	    R_TRUSTSTORE, "no PEM or DER certificate");
+	expect_trust_fail(store_dest("bad.pem"), cert_list("bad.pem", "!!!!"),
+	    R_TRUSTSTORE, "base64");
+	expect_trust_fail(with_props(store_dest("mail-ca.pem"),
+	    "mail.pop3s.ssl.cafile", "/etc/ca.pem", NULL),
+	    cert_list("mail-ca.pem", b64), R_PROPERTY, "contradict");
+	expect_trust_fail(with_props(sample_dest(), "TrustStoreLocation",
+	    "mail-ca.pem", NULL), cert_list("mail-ca.pem", b64), R_PROPERTY,
+	    "no TLS");
+	free(b64);
+
+	/* a destinations file carries no certificates */
+	expect_fail(store_dest("mail-ca.pem"), 1, R_TRUSTSTORE, "ssl.cafile",
+	    NULL);
+}
+
+static void
+test_reply_parse(void **state)
+{
+	static const char *const bad[] = {
+		"", "[]", "{\"destinationConfiguration\": \"x\"}",
+		"{\"destinationConfiguration\": {\"Name\": 1}}",
+		"{\"destinationConfiguration\": {}, \"authTokens\": {}}",
+		"{\"destinationConfiguration\": {}, \"certificates\": 3}",
+		"{\"owner\": {}, \"destinationConfiguration\": {\"Name\": \"",
+	};
+	const char	*ok = "{\"owner\": {\"InstanceId\": null}, "
+	    "\"destinationConfiguration\": {\"Name\": \"d\"}, "
+	    "\"authTokens\": [{\"type\": \"Basic\", \"value\": \"x\"}], "
+	    "\"certificates\": [{\"Name\": \"c.pem\"}], \"extra\": 1}";
+	char		 err[128];
+	json_t		*r;
+	size_t		 i;
+
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = '\0';
+		r = destination_reply_parse(bad[i], strlen(bad[i]), err,
+		    sizeof(err));
+		if (r != NULL)
+			fail_msg("accepted %s", bad[i]);
+		assert_non_null(strstr(err, "malformed reply"));
+	}
+	r = destination_reply_parse(ok, strlen(ok), err, sizeof(err));
+	assert_non_null(r);
+	assert_int_equal(json_object_size(r), 3);	/* no owner, no extra */
+	assert_true(json_is_array(json_object_get(r, "authTokens")));
+	assert_true(json_is_array(json_object_get(r, "certificates")));
+	json_decref(r);
+	/* null arrays are absent ones */
+	ok = "{\"destinationConfiguration\": {}, \"authTokens\": null, "
+	    "\"certificates\": null}";
+	r = destination_reply_parse(ok, strlen(ok), err, sizeof(err));
+	assert_non_null(r);
+	assert_null(json_object_get(r, "authTokens"));
+	assert_null(json_object_get(r, "certificates"));
+	json_decref(r);
+}
+
 int
 main(void)
 {
@@ -680,6 +911,8 @@ main(void)
 		cmocka_unit_test(test_loopback),
 		cmocka_unit_test(test_load_errors),
 		cmocka_unit_test(test_load_valid),
+		cmocka_unit_test(test_trust_store),
+		cmocka_unit_test(test_reply_parse),
 	};
 
 	log_init("test_destination", LOG_LEVEL_ERROR);
