@@ -23,6 +23,7 @@
 
 #include <event2/event.h>
 
+#include "k8s_stream.h"
 #include "log.h"
 #include "secret.h"
 #include "supervisor.h"
@@ -46,14 +47,12 @@ struct k8s_watch {
 	const char		*kw_what;
 	char			*kw_path;	/* collection path */
 	const char		*kw_selector;	/* labelSelector, or NULL */
-	json_t			*kw_objects;	/* "ns/name" -> object */
+	struct k8s_stream	 kw_st;		/* the objects, the version */
 	json_t			*kw_pending;	/* list pages so far */
-	char			*kw_rv;
 	struct httpc_req	*kw_req;
 	struct event		*kw_retry;
 	int			 kw_failures;
 	int			 kw_synced;
-	char			*kw_line;	/* watch stream state */
 };
 
 static struct k8s_watch	 cr_watches[16];
@@ -200,14 +199,6 @@ meta_str(json_t *o, const char *k)
 }
 
 static void
-obj_key(json_t *o, char *buf, size_t sz)
-{
-	snprintf(buf, sz, "%s/%s", meta_str(o, "namespace") ?
-	    meta_str(o, "namespace") : "", meta_str(o, "name") ?
-	    meta_str(o, "name") : "");
-}
-
-static void
 watch_changed(struct k8s_watch *w)
 {
 	/* CRs feed the reconcile; Services only the publisher and ports */
@@ -219,7 +210,7 @@ watch_retry_cb(evutil_socket_t fd, short ev, void *arg)
 {
 	struct k8s_watch	*w = arg;
 
-	if (w->kw_rv == NULL)
+	if (w->kw_st.ks_rv == NULL)
 		k8s_list(w);
 	else
 		k8s_watch_start(w);
@@ -231,10 +222,8 @@ watch_backoff(struct k8s_watch *w, int relist, const char *why)
 	int	delay;
 
 	w->kw_req = NULL;
-	if (relist) {
-		free(w->kw_rv);
-		w->kw_rv = NULL;
-	}
+	if (relist)
+		k8s_stream_forget_rv(&w->kw_st);
 	w->kw_failures++;
 	delay = 1 << (w->kw_failures < 5 ? w->kw_failures : 5);
 	if (delay > K8S_BACKOFF_MAX)
@@ -252,7 +241,7 @@ list_done(long status, const char *body, size_t len, const char *err,
 	json_error_t		 jerr;
 	json_t			*j, *items, *it;
 	const char		*cont, *rv;
-	char			 key[600];
+	char			 key[K8S_KEY_MAX];
 	size_t			 i;
 
 	w->kw_req = NULL;
@@ -281,8 +270,9 @@ list_done(long status, const char *body, size_t len, const char *err,
 	if (w->kw_pending == NULL)
 		w->kw_pending = json_object();
 	json_array_foreach(items, i, it) {
-		obj_key(it, key, sizeof(key));
-		json_object_set(w->kw_pending, key, it);
+		/* as in the watch: nothing without a namespace and a name */
+		if (k8s_object_key(it, key, sizeof(key)) == 0)
+			json_object_set(w->kw_pending, key, it);
 	}
 	cont = json_string_value(json_object_get(json_object_get(j, "metadata"),
 	    "continue"));
@@ -306,16 +296,13 @@ list_done(long status, const char *body, size_t len, const char *err,
 		return;
 	}
 	/* the whole list: replace what we had, then watch from its version */
-	json_decref(w->kw_objects);
-	w->kw_objects = w->kw_pending;
+	k8s_stream_replace(&w->kw_st, w->kw_pending, rv ? rv : "0");
 	w->kw_pending = NULL;
-	free(w->kw_rv);
-	w->kw_rv = strdup(rv ? rv : "0");
 	json_decref(j);
 	w->kw_failures = 0;
 	w->kw_synced = 1;
 	log_debug("kubernetes %s: listed %zu at resourceVersion %s", w->kw_what,
-	    json_object_size(w->kw_objects), w->kw_rv);
+	    json_object_size(w->kw_st.ks_objects), w->kw_st.ks_rv);
 	watch_changed(w);
 	k8s_watch_start(w);
 }
@@ -340,55 +327,34 @@ k8s_list(struct k8s_watch *w)
 		watch_backoff(w, 1, "cannot start the list");
 }
 
-/* One watch event: {"type": ..., "object": ...}. */
+/* Lines of the watch response, as httpc splits them. */
 static void
 watch_line(const char *line, size_t len, void *arg)
 {
 	struct k8s_watch	*w = arg;
-	json_error_t		 jerr;
-	json_t			*ev, *obj;
-	const char		*type, *rv;
-	char			 key[600];
-	json_int_t		 code;
+	struct k8s_stream	*ks = &w->kw_st;
+	unsigned long		 ignored = ks->ks_ignored;
+	int			 r;
 
-	if (len == 0)
-		return;
-	if ((ev = json_loadb(line, len, 0, &jerr)) == NULL) {
-		log_warnx("kubernetes %s: malformed watch event; re-listing",
-		    w->kw_what);
-		httpc_cancel(w->kw_req);
-		watch_backoff(w, 1, "malformed watch event");
-		return;
-	}
-	type = json_string_value(json_object_get(ev, "type"));
-	obj = json_object_get(ev, "object");
-	rv = meta_str(obj, "resourceVersion");
-	if (type == NULL || !json_is_object(obj)) {
-		json_decref(ev);
-		return;
-	}
-	if (strcmp(type, "ERROR") == 0) {
-		code = json_integer_value(json_object_get(obj, "code"));
-		httpc_cancel(w->kw_req);
-		json_decref(ev);
-		/* 410 Gone: our version was compacted away; list again */
-		watch_backoff(w, 1, code == 410 ? "watch expired (410)" :
-		    "watch ERROR event");
-		return;
-	}
-	if (strcmp(type, "BOOKMARK") != 0) {
-		obj_key(obj, key, sizeof(key));
-		if (strcmp(type, "DELETED") == 0)
-			json_object_del(w->kw_objects, key);
-		else
-			json_object_set(w->kw_objects, key, obj);
+	r = k8s_stream_feed_line(ks, line, len);
+	if (ks->ks_ignored > ignored)
+		log_warnx("kubernetes %s: ignored a watch event: %s",
+		    w->kw_what, ks->ks_ignored_why);
+	if (ks->ks_changed) {
+		ks->ks_changed = 0;
 		watch_changed(w);
 	}
-	if (rv != NULL) {
-		free(w->kw_rv);
-		w->kw_rv = strdup(rv);
+	if (r == -1) {
+		httpc_cancel(w->kw_req);
+		watch_backoff(w, 1, ks->ks_error);
+		return;
 	}
-	json_decref(ev);
+	/*
+	 * The watch works: the next drop starts the backoff afresh instead
+	 * of waiting longer each time a working watch is cut.
+	 */
+	if (ks->ks_events > 0)
+		w->kw_failures = 0;
 }
 
 static void
@@ -418,11 +384,13 @@ k8s_watch_start(struct k8s_watch *w)
 {
 	char	*path, *sel = NULL;
 
+	k8s_stream_begin(&w->kw_st);
 	if (w->kw_selector != NULL)
 		sel = httpc_escape(w->kw_selector);
 	if (asprintf(&path, "%s?watch=1&allowWatchBookmarks=true&"
-	    "resourceVersion=%s&timeoutSeconds=%d%s%s", w->kw_path, w->kw_rv,
-	    K8S_WATCH_TIMEOUT, sel ? "&labelSelector=" : "", sel ? sel : "") == -1)
+	    "resourceVersion=%s&timeoutSeconds=%d%s%s", w->kw_path,
+	    w->kw_st.ks_rv, K8S_WATCH_TIMEOUT, sel ? "&labelSelector=" : "",
+	    sel ? sel : "") == -1)
 		fatal("asprintf");
 	free(sel);
 	w->kw_req = k8s_request("GET", path, NULL, NULL, watch_line, 0,
@@ -439,7 +407,7 @@ watch_init(struct k8s_watch *w, const char *what, const char *path,
 	w->kw_what = what;
 	w->kw_path = strdup(path);
 	w->kw_selector = selector;
-	w->kw_objects = json_object();
+	k8s_stream_init(&w->kw_st, K8S_STREAM_MAX_LINE);
 	w->kw_retry = evtimer_new(sup->base, watch_retry_cb, w);
 	k8s_list(w);
 }
@@ -464,7 +432,7 @@ k8s_load_crs(size_t *ncrs, json_t *rejected)
 	int		 i;
 
 	for (i = 0; i < ncr_watches; i++) {
-		json_object_foreach(cr_watches[i].kw_objects, key, obj) {
+		json_object_foreach(cr_watches[i].kw_st.ks_objects, key, obj) {
 			if ((cr = cr_parse(obj, key, rejected)) == NULL)
 				continue;
 			crs = reallocarray(crs, n + 1, sizeof(*crs));
@@ -487,7 +455,7 @@ k8s_cr_object(const char *ns, const char *name)
 
 	snprintf(key, sizeof(key), "%s/%s", ns, name);
 	for (i = 0; i < ncr_watches; i++)
-		if ((o = json_object_get(cr_watches[i].kw_objects, key)) != NULL)
+		if ((o = json_object_get(cr_watches[i].kw_st.ks_objects, key)) != NULL)
 			return o;
 	return NULL;
 }
@@ -499,7 +467,7 @@ k8s_own_service(const char *name)
 	char	key[600];
 
 	snprintf(key, sizeof(key), "%s/%s", sup->st.namespace, name);
-	return json_object_get(svc_watch.kw_objects, key);
+	return json_object_get(svc_watch.kw_st.ks_objects, key);
 }
 
 static int
@@ -553,7 +521,7 @@ k8s_port_for(struct service *sv, int *wait)
 	}
 	for (port = sup->st.port_min; port <= sup->st.port_max; port++) {
 		used = 0;
-		json_object_foreach(svc_watch.kw_objects, key, o)
+		json_object_foreach(svc_watch.kw_st.ks_objects, key, o)
 			if (service_target_port(o) == port)
 				used = 1;
 		if (!used && !services_port_in_use(port))
@@ -811,7 +779,7 @@ publish_service(struct service *sv, json_t *desired_names)
 	/* nothing is created until neither name is someone else's */
 	if ((k8s_own_service(sv->sv_name) == NULL ||
 	    (strcmp(sv->sv_namespace, sup->st.namespace) != 0 &&
-	    json_object_get(svc_watch.kw_objects, crkey) == NULL)) &&
+	    json_object_get(svc_watch.kw_st.ks_objects, crkey) == NULL)) &&
 	    !names_free(key, strcmp(sv->sv_namespace, sup->st.namespace) ?
 	    crkey : NULL)) {
 		if (strcmp(sv->sv_namespace, sup->st.namespace) != 0)
@@ -878,7 +846,7 @@ publish_service(struct service *sv, json_t *desired_names)
 	    "spec", "type", "ExternalName", "externalName", ext,
 	    "ports", "name", "pop3", "port", sv->sv_svc_port,
 	    "targetPort", sv->sv_svc_port, "protocol", "TCP");
-	cur = json_object_get(svc_watch.kw_objects, key);
+	cur = json_object_get(svc_watch.kw_st.ks_objects, key);
 	if (cur == NULL) {
 		if (!create_allowed(key)) {
 			json_decref(want);
@@ -1027,7 +995,7 @@ publish_status(json_t *cr)
 	    meta_str(cr, "namespace"), meta_str(cr, "name"));
 	body = json_pack("{s:o}", "status", st);
 	json_object_set_new(status_inflight, key, json_true());
-	obj_key(cr, nsname, sizeof(nsname));
+	k8s_object_key(cr, nsname, sizeof(nsname));
 	wc = write_ctx(nsname, "update status of");
 	wc->uid = strdup(key);
 	if (k8s_request("PATCH", path, body, "application/merge-patch+json",
@@ -1061,7 +1029,7 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 		if (!sv->sv_remove)
 			publish_service(sv, desired);
 	/* Services tpmail made whose tenant or CR is gone */
-	json_object_foreach(svc_watch.kw_objects, key, o) {
+	json_object_foreach(svc_watch.kw_st.ks_objects, key, o) {
 		m = json_string_value(json_object_get(json_object_get(
 		    json_object_get(o, "metadata"), "labels"), LABEL_MANAGED));
 		if (m == NULL || strcmp(m, "tpmail") != 0 ||
@@ -1082,7 +1050,7 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 	}
 	json_decref(desired);
 	for (i = 0; i < ncr_watches; i++)
-		json_object_foreach(cr_watches[i].kw_objects, key, o)
+		json_object_foreach(cr_watches[i].kw_st.ks_objects, key, o)
 			publish_status(o);
 }
 
