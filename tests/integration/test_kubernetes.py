@@ -978,6 +978,32 @@ def test_watch_failures_lose_and_duplicate_nothing(kube_world, k8s_tpmaild, dove
     assert all(r["query"].get("resourceVersion") for r in ws), [r["query"] for r in ws][:5]
 
 
+def test_watch_backoff_reset_by_a_working_watch(kube_world, k8s_tpmaild, dovecot, mailboxes):
+    """Watches cut abruptly again and again, each after it delivered an
+    event: every reconnect waits the first backoff step, instead of 2, 4,
+    8 s as if the watches in between had failed (docs/robustness.md,
+    finding 7)."""
+    kube = kube_world
+    t = k8s_tpmaild()
+    apply_cr(kube, cr_obj("mail", "dest-a"))
+    t.wait_services(["mail"])
+    names = ["mail"]
+    mark = kube.request_count()
+    for name in ("one", "two", "three"):
+        kube.drop_watches()
+        apply_cr(kube, cr_obj(name, "dest-bob"))
+        names.append(name)
+        # only the resumed watch can have brought it: a drop does not re-list
+        t.wait_services(names)
+    waits = re.findall(r"kubernetes destinations: watch ended: [^\n]*?; retrying in (\d+) s",
+                       t.log_text())
+    assert len(waits) >= 3, t.log_text()[-3000:]
+    assert set(waits) == {"2"}, waits
+    # each CR came by a resumed watch, not by a list
+    assert [r for r in kube.requests(path=r"/destinations$", user=t.user, since=mark)
+            if not r["watch"]] == []
+
+
 def test_two_replicas_one_leader_and_handover(kube_world, k8s_tpmaild, dovecot, mailboxes):
     kube = kube_world
     pr = th.pick_port_range()
