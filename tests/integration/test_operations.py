@@ -1228,6 +1228,9 @@ def test_tpmailctl_log_level(tpmaild_factory, mailboxes):
     session_end(mark)
     dbg = [r for r in records(t, mark) if r["level"] == "debug" and r.get("pid") == pid]
     assert any(r.get("command") == "STAT" for r in dbg), dbg
+    # the session's last debug line follows its end line: let it land first
+    wait_log(t, lambda r: r.get("pid") == pid and r["msg"].endswith("closing -> dead"),
+             since=mark, what="the session's last debug line")
 
     mark = log_mark(t)
     r = t.ctl("log-level", "warn")
