@@ -64,6 +64,7 @@ struct session {
 	struct upstream		*se_up;
 	struct bufferevent	*se_ubev;	/* upstream's, once ready */
 	struct event		*se_uread;	/* our own reader of a plain one */
+	struct event		*se_cwrite;	/* our own writer to the client */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
 	int			 se_inflight;	/* relayed, reply not complete */
@@ -93,6 +94,8 @@ static void	session_client_read(struct session *);
 static void	session_close(struct session *, int, const char *);
 static void	session_close_flush(struct session *, int, const char *);
 static void	session_upstream_event_cb(struct bufferevent *, short, void *);
+static void	session_client_event_cb(struct bufferevent *, short, void *);
+static void	session_client_send(struct session *);
 
 /*
  * Reading from the mail server on or off.  A plain TCP upstream is read by
@@ -438,6 +441,7 @@ static void
 session_upstream_read_cb(struct bufferevent *bev, void *arg)
 {
 	session_upstream_read(arg);
+	session_client_send(arg);
 }
 
 /*
@@ -493,6 +497,7 @@ session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	evbuffer_freeze(in, 0);
 	session_upstream_read(s);
+	session_client_send(s);
 	if (s->se_state != SESSION_RELAY)
 		return;
 	if (n == 0 || err != 0) {
@@ -543,8 +548,87 @@ session_client_read_cb(struct bufferevent *bev, void *arg)
 
 	if (s->se_state == SESSION_AUTHWAIT)
 		session_authwait_read(s);
-	else
+	else {
 		session_client_read(s);
+		session_client_send(s);
+	}
+}
+
+/*
+ * One writev of the client's output.  A socket bufferevent keeps the start
+ * of its output frozen but while it writes itself.  -1 on a real error.
+ */
+static int
+session_client_write(struct session *s, evutil_socket_t fd)
+{
+	struct evbuffer	*out = bufferevent_get_output(s->se_client);
+	int		 n;
+
+	evbuffer_unfreeze(out, 1);
+	n = evbuffer_write(out, fd);
+	evbuffer_freeze(out, 1);
+	return (n == -1 && errno != EAGAIN && errno != EINTR) ? -1 : 0;
+}
+
+/*
+ * Write what the client is owed, now rather than on the next loop turn,
+ * and while its output drains relay more of what the mail server sent.
+ * During the relay the client's bufferevent does not write: this does,
+ * and session_client_fd_cb when the socket was full.
+ */
+static void
+session_client_send(struct session *s)
+{
+	struct evbuffer	*out = bufferevent_get_output(s->se_client);
+	struct evbuffer	*in;
+
+	while (s->se_cwrite != NULL && s->se_state == SESSION_RELAY &&
+	    !s->se_client_gone) {
+		if (evbuffer_get_length(out) > 0 && session_client_write(s,
+		    bufferevent_getfd(s->se_client)) == -1) {
+			/* handled in the writer's callback, not under our callers */
+			event_active(s->se_cwrite, EV_WRITE, 0);
+			return;
+		}
+		if (evbuffer_get_length(out) > 0) {
+			if (!event_pending(s->se_cwrite, EV_WRITE, NULL))
+				event_add(s->se_cwrite, &(struct timeval){
+				    s->se_cfg->idle_timeout, 0 });
+			return;
+		}
+		event_del(s->se_cwrite);
+		if (s->se_ubev == NULL)
+			return;
+		/* drained: what waits upstream can follow */
+		session_upstream_reading(s, 1);
+		in = bufferevent_get_input(s->se_ubev);
+		if (evbuffer_get_length(in) == 0)
+			return;
+		session_upstream_read(s);
+		if (evbuffer_get_length(out) == 0)
+			return;
+	}
+}
+
+static void
+session_client_fd_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session	*s = arg;
+	struct evbuffer	*out = bufferevent_get_output(s->se_client);
+
+	if (s->se_state != SESSION_RELAY || s->se_client_gone)
+		return;
+	if (what & EV_TIMEOUT) {
+		session_close(s, 1, "client write timeout");
+		return;
+	}
+	if (evbuffer_get_length(out) > 0 && session_client_write(s, fd) == -1) {
+		event_del(s->se_cwrite);
+		session_client_event_cb(s->se_client, BEV_EVENT_WRITING |
+		    BEV_EVENT_ERROR, s);
+		return;
+	}
+	session_client_send(s);
 }
 
 /* Client output drained below the low watermark. */
@@ -598,6 +682,8 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 		/* QUIT was sent: let the server commit, then close. */
 		s->se_client_eof = s->se_client_gone = 1;
 		bufferevent_disable(bev, EV_READ | EV_WRITE);
+		if (s->se_cwrite != NULL)
+			event_del(s->se_cwrite);
 		return;
 	}
 	session_close(s, 0, (what & BEV_EVENT_EOF) ? "client closed" :
@@ -789,8 +875,10 @@ session_upstream_ready(struct session *s)
 	    EV_READ | EV_PERSIST, session_upstream_fd_cb, s)) != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ);
 	session_upstream_reading(s, 1);
-	/* the client's writes are as large as the budget allows */
-	bufferevent_set_max_single_write(s->se_client, s->se_cfg->max_buffer);
+	/* from now on the session writes to the client itself */
+	if ((s->se_cwrite = event_new(proxy->base, bufferevent_getfd(
+	    s->se_client), EV_WRITE, session_client_fd_cb, s)) != NULL)
+		bufferevent_disable(s->se_client, EV_WRITE);
 	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
 		session_close(s, 1, "out of memory");
 		return;
@@ -806,6 +894,7 @@ session_upstream_ready(struct session *s)
 	    s->se_cfg->idle_timeout, 0 });
 	bufferevent_enable(s->se_client, EV_READ);
 	session_client_read(s);
+	session_client_send(s);
 }
 
 void
@@ -834,6 +923,8 @@ session_close_flush(struct session *s, int failed, const char *reason)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
 	if (s->se_uread != NULL)
 		event_del(s->se_uread);
+	if (s->se_cwrite != NULL)
+		event_del(s->se_cwrite);	/* the bufferevent writes the rest */
 	bufferevent_disable(s->se_client, EV_READ);
 	if (s->se_client_gone) {
 		session_close(s, failed, reason);
@@ -859,6 +950,8 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	/* no QUIT is ever sent here: an unfinished session commits nothing */
 	if (s->se_uread != NULL)
 		event_free(s->se_uread);	/* before its socket closes */
+	if (s->se_cwrite != NULL)
+		event_free(s->se_cwrite);
 	upstream_free(s->se_up);
 	bufferevent_free(s->se_client);
 	config_unref(s->se_cfg);
@@ -905,6 +998,8 @@ session_close(struct session *s, int failed, const char *reason)
 		bufferevent_disable(s->se_ubev, EV_READ | EV_WRITE);
 	if (s->se_uread != NULL)
 		event_del(s->se_uread);
+	if (s->se_cwrite != NULL)
+		event_del(s->se_cwrite);
 	proxy_session_closed(session_outcome(s, reason), failed,
 	    failed ? reason : NULL, d.tv_sec + d.tv_usec / 1e6, s->se_bytes_up,
 	    s->se_bytes_down);
