@@ -73,6 +73,7 @@ struct session {
 	int			 se_sasl_steps;	/* client SASL lines still to absorb */
 	int			 se_quit;	/* client sent QUIT */
 	int			 se_client_eof;	/* half-closed: replies still owed */
+	int			 se_overlong;	/* ... or its line had no end */
 	int			 se_client_gone;	/* cannot be written to */
 	int			 se_failed;
 	int			 se_login_failed;
@@ -292,9 +293,20 @@ session_client_read(struct session *s)
 		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
 		if (eol.pos == -1) {
 			if (evbuffer_get_length(in) >= (size_t)s->se_cfg->max_line) {
+				/*
+				 * Read no more, but answer what came before it
+				 * first: closing now would drop the replies still
+				 * owed and this -ERR behind them.  The last reply
+				 * closes (session_reply_done).
+				 */
 				session_local(s, "-ERR Line too long\r\n");
+				evbuffer_drain(in, evbuffer_get_length(in));
+				s->se_client_eof = s->se_overlong = 1;
+				bufferevent_disable(s->se_client, EV_READ);
 				session_pump(s);
-				session_close_flush(s, 1, "client line too long");
+				if (TAILQ_EMPTY(&s->se_queue))
+					session_close_flush(s, 1,
+					    "client line too long");
 			}
 			break;
 		}
@@ -370,7 +382,8 @@ session_reply_done(struct session *s)
 	}
 	session_pump(s);
 	if (s->se_client_eof && TAILQ_EMPTY(&s->se_queue))
-		session_close_flush(s, 0, "client closed");
+		session_close_flush(s, s->se_overlong, s->se_overlong ?
+		    "client line too long" : "client closed");
 	else if (TAILQ_EMPTY(&s->se_queue) && s->se_state == SESSION_RELAY)
 		session_client_read(s);
 }
