@@ -561,7 +561,17 @@ session_client_read_cb(struct bufferevent *bev, void *arg)
 
 	if (s->se_state == SESSION_AUTHWAIT)
 		session_authwait_read(s);
-	else {
+	else if (s->se_state == SESSION_LOGIN) {
+		/*
+		 * Early input waits for the greeting.  Once a line's worth is
+		 * held, stop reading: libevent calls this again on every loop
+		 * turn while the input stays at its high watermark, a busy
+		 * loop until the login ends.  session_upstream_ready reads on.
+		 */
+		if (evbuffer_get_length(bufferevent_get_input(bev)) >=
+		    (size_t)s->se_cfg->max_line)
+			bufferevent_disable(bev, EV_READ);
+	} else {
 		session_client_read(s);
 		session_client_send(s);
 	}
