@@ -24,6 +24,8 @@
 #define PARAM_MAX_PENDING	64
 /* Largest single read from a socket: libevent's default is 4 KiB. */
 #define PARAM_READ_SIZE		(64 * 1024)
+/* The least an upstream read asks for, however full the budget. */
+#define PARAM_MIN_READ		(4 * 1024)
 /* Largest upstream status or CAPA line we accept during login. */
 #define PARAM_MAX_RESPONSE_LINE	1024
 /* Largest CAPA reply accepted from the upstream. */

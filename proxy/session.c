@@ -28,7 +28,9 @@
 #include "params.h"
 #include "proxy.h"
 #include "secret.h"
+#include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 
 enum session_state {
 	SESSION_LOGIN,		/* upstream login in progress */
@@ -63,7 +65,8 @@ struct session {
 	struct bufferevent	*se_client;
 	struct upstream		*se_up;
 	struct bufferevent	*se_ubev;	/* upstream's, once ready */
-	struct event		*se_uread;	/* our own reader of a plain one */
+	struct event		*se_uread;	/* our own reader of the upstream */
+	SSL			*se_ussl;	/* its TLS, when it has one */
 	struct event		*se_cwrite;	/* our own writer to the client */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
@@ -113,9 +116,13 @@ session_upstream_reading(struct session *s, int on)
 			bufferevent_disable(s->se_ubev, EV_READ);
 	} else if (!on)
 		event_del(s->se_uread);
-	else if (!event_pending(s->se_uread, EV_READ, NULL))
+	else if (!event_pending(s->se_uread, EV_READ, NULL)) {
 		event_add(s->se_uread, &(struct timeval){
 		    s->se_cfg->idle_timeout, 0 });
+		/* decrypted bytes left in OpenSSL: the socket won't say so */
+		if (s->se_ussl != NULL && SSL_pending(s->se_ussl) > 0)
+			event_active(s->se_uread, EV_READ, 0);
+	}
 }
 
 unsigned long
@@ -458,35 +465,25 @@ session_upstream_read_cb(struct bufferevent *bev, void *arg)
 }
 
 /*
- * The plain upstream's reader.  libevent 2.1's socket bufferevent reads
- * 4 KiB per call with an ioctl before each; this reads PARAM_READ_SIZE at
- * a time into the same input buffer, up to half the session's buffer
- * budget, then hands it to session_upstream_read.  A short read means the
- * socket is drained, so no read is spent on EAGAIN.
+ * Fill the upstream input from a plain socket: PARAM_READ_SIZE a read, up
+ * to limit.  A short read means the socket is drained, so no read is spent
+ * on EAGAIN.  Returns 1 while the connection is open, 0 at its end, -1 on
+ * an error.
  */
-static void
-session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
+static int
+session_fill_plain(struct evbuffer *in, evutil_socket_t fd, size_t limit)
 {
-	struct session		*s = arg;
-	struct evbuffer		*in = bufferevent_get_input(s->se_ubev);
 	struct evbuffer_iovec	 v[2];
 	struct iovec		 iov[2];
-	size_t			 limit = s->se_cfg->max_buffer / 2, want, got;
-	ssize_t			 n = 1;
-	int			 i, nv, err = 0;
+	size_t			 want, got;
+	ssize_t			 n;
+	int			 i, nv;
 
-	if (what & EV_TIMEOUT) {
-		session_upstream_event_cb(s->se_ubev,
-		    BEV_EVENT_READING | BEV_EVENT_TIMEOUT, s);
-		return;
-	}
-	/* a socket bufferevent keeps its input's end frozen but while it reads */
-	evbuffer_unfreeze(in, 0);
 	while (evbuffer_get_length(in) < limit) {
-		if ((nv = evbuffer_reserve_space(in, PARAM_READ_SIZE, v, 2)) <= 0) {
-			err = ENOMEM;
-			break;
-		}
+		want = limit - evbuffer_get_length(in);
+		if ((nv = evbuffer_reserve_space(in, want < PARAM_READ_SIZE ?
+		    want : PARAM_READ_SIZE, v, 2)) <= 0)
+			return -1;
 		for (i = 0, want = 0; i < nv; i++) {
 			iov[i].iov_base = v[i].iov_base;
 			iov[i].iov_len = v[i].iov_len;
@@ -495,10 +492,8 @@ session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
 		if ((n = readv(fd, iov, nv)) <= 0) {
 			evbuffer_commit_space(in, v, 0);
 			if (n == -1 && (errno == EAGAIN || errno == EINTR))
-				n = 1;
-			else if (n == -1)
-				err = errno;
-			break;
+				return 1;
+			return n == 0 ? 0 : -1;
 		}
 		got = n;
 		for (i = 0; i < nv && got > v[i].iov_len; i++)
@@ -508,16 +503,99 @@ session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
 		if ((size_t)n < want)
 			break;		/* a short read: the socket is drained */
 	}
+	return 1;
+}
+
+/*
+ * The same through TLS: SSL_read record after record into one contiguous
+ * PARAM_READ_SIZE space, until OpenSSL needs the socket again.
+ */
+static int
+session_fill_tls(struct evbuffer *in, SSL *ssl, size_t limit)
+{
+	struct evbuffer_iovec	 v;
+	size_t			 used;
+	int			 r = 1, rv = 1;
+
+	ERR_clear_error();
+	while (r > 0 && evbuffer_get_length(in) < limit) {
+		used = limit - evbuffer_get_length(in);
+		if (evbuffer_reserve_space(in, used < PARAM_READ_SIZE ? used :
+		    PARAM_READ_SIZE, &v, 1) != 1)
+			return -1;
+		for (used = 0; used < v.iov_len; used += r)
+			if ((r = SSL_read(ssl, (char *)v.iov_base + used,
+			    (int)(v.iov_len - used))) <= 0)
+				break;
+		v.iov_len = used;
+		evbuffer_commit_space(in, &v, 1);
+	}
+	if (r <= 0) {
+		switch (SSL_get_error(ssl, r)) {
+		case SSL_ERROR_WANT_READ:
+		case SSL_ERROR_WANT_WRITE:
+			break;
+		case SSL_ERROR_ZERO_RETURN:
+			rv = 0;
+			break;
+		case SSL_ERROR_SYSCALL:
+			/* a close without close_notify: allowed, as for the login */
+			rv = ERR_peek_error() == 0 && (errno == 0 ||
+			    errno == ECONNRESET) ? 0 : -1;
+			break;
+		default:
+			rv = -1;
+			break;
+		}
+		ERR_clear_error();
+	}
+	return rv;
+}
+
+/*
+ * The upstream's reader after the login.  libevent 2.1's socket bufferevent
+ * reads 4 KiB per call with an ioctl before each, its OpenSSL one 4 KiB per
+ * SSL_read; this fills the same input buffer in large steps, up to half the
+ * session's buffer budget, then hands it to session_upstream_read.
+ */
+static void
+session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session		*s = arg;
+	struct evbuffer		*in = bufferevent_get_input(s->se_ubev);
+	size_t			 out = evbuffer_get_length(
+				    bufferevent_get_output(s->se_client));
+	size_t			 limit = s->se_cfg->max_buffer / 2;
+	int			 open;
+
+	if (what & EV_TIMEOUT) {
+		session_upstream_event_cb(s->se_ubev,
+		    BEV_EVENT_READING | BEV_EVENT_TIMEOUT, s);
+		return;
+	}
+	/*
+	 * What the client has not taken yet counts against the budget too:
+	 * a slow reader holds half of it in all, a fast one gets it all for
+	 * reading, as its output leaves at once.
+	 */
+	limit = out + PARAM_MIN_READ < limit ? limit - out : PARAM_MIN_READ;
+	/* a bufferevent keeps its input's end frozen but while it reads */
+	evbuffer_unfreeze(in, 0);
+	errno = 0;
+	open = s->se_ussl != NULL ? session_fill_tls(in, s->se_ussl, limit) :
+	    session_fill_plain(in, fd, limit);
 	evbuffer_freeze(in, 0);
 	session_upstream_read(s);
 	session_client_send(s);
 	if (s->se_state != SESSION_RELAY)
 		return;
-	if (n == 0 || err != 0) {
+	if (open <= 0) {
 		event_del(s->se_uread);
 		session_upstream_event_cb(s->se_ubev, BEV_EVENT_READING |
-		    (n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR), s);
-	}
+		    (open == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR), s);
+	} else if (s->se_ussl != NULL && SSL_pending(s->se_ussl) > 0 &&
+	    event_pending(s->se_uread, EV_READ, NULL))
+		event_active(s->se_uread, EV_READ, 0);	/* more, decrypted */
 }
 
 /* Upstream output drained: resume reading a client we paused. */
@@ -891,12 +969,15 @@ session_upstream_ready(struct session *s)
 	bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
 	    s->se_cfg->idle_timeout, 0 }, NULL);
 	bufferevent_enable(s->se_ubev, EV_WRITE);
-	if (bufferevent_openssl_get_ssl(s->se_ubev) == NULL &&
-	    bufferevent_getfd(s->se_ubev) != -1 &&
+	s->se_ussl = bufferevent_openssl_get_ssl(s->se_ubev);
+	if (bufferevent_getfd(s->se_ubev) != -1 &&
 	    evbuffer_get_length(bufferevent_get_input(s->se_ubev)) == 0 &&
+	    (s->se_ussl == NULL || SSL_pending(s->se_ussl) == 0) &&
 	    (s->se_uread = event_new(proxy->base, bufferevent_getfd(s->se_ubev),
 	    EV_READ | EV_PERSIST, session_upstream_fd_cb, s)) != NULL)
 		bufferevent_disable(s->se_ubev, EV_READ);
+	else
+		s->se_ussl = NULL;
 	session_upstream_reading(s, 1);
 	/* from now on the session writes to the client itself */
 	if ((s->se_cwrite = event_new(proxy->base, bufferevent_getfd(
