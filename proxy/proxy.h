@@ -167,6 +167,6 @@ void		 upstream_free(struct upstream *);
 SSL_CTX	*tls_ctx_new(const char *ca, size_t calen, const char **err);
 SSL	*tls_ssl_new(struct proxy_config *);
 void	 tls_ctx_bind(SSL_CTX *, struct proxy_config *);
-const char *tls_error_string(struct bufferevent *);
+const char *tls_error_string(struct bufferevent *, const char **);
 
 #endif

@@ -116,15 +116,23 @@ tls_ssl_new(struct proxy_config *c)
 	return ssl;
 }
 
-/* Why a TLS bufferevent failed, in words for the log and the client. */
+/*
+ * Why a TLS bufferevent failed, in words for the log and the client; NULL
+ * when OpenSSL has no error to tell, because the peer closed (or reset)
+ * the connection: libevent then passes on SSL_get_error()'s
+ * SSL_ERROR_SYSCALL, which ERR_error_string() prints as
+ * "error:00000005:lib(0)::reason(5)".  *detail gets that raw text, for a
+ * debug line.
+ */
 const char *
-tls_error_string(struct bufferevent *bev)
+tls_error_string(struct bufferevent *bev, const char **detail)
 {
 	static char	 buf[256];
 	unsigned long	 e;
 	SSL		*ssl = bufferevent_openssl_get_ssl(bev);
 	long		 vr;
 
+	*detail = "no OpenSSL error";
 	if (ssl != NULL && (vr = SSL_get_verify_result(ssl)) != X509_V_OK) {
 		snprintf(buf, sizeof(buf), "certificate verification failed: %s",
 		    X509_verify_cert_error_string(vr));
@@ -133,7 +141,9 @@ tls_error_string(struct bufferevent *bev)
 	e = bufferevent_get_openssl_error(bev);
 	if (e != 0) {
 		ERR_error_string_n(e, buf, sizeof(buf));
-		return buf;
+		*detail = buf;
 	}
-	return "TLS connection failed";
+	if (ERR_GET_LIB(e) == 0)
+		return NULL;
+	return buf;
 }

@@ -72,6 +72,7 @@ struct upstream {
 	int			 up_bearer;	/* OAUTHBEARER rather than XOAUTH2 */
 	const char		*up_token;	/* the access token for this login */
 	int			 up_addr;	/* index of the address being tried */
+	int			 up_protocol;	/* failed: the server broke POP3 */
 };
 
 static void	upstream_enter_state(struct upstream *, enum upstream_state);
@@ -99,6 +100,8 @@ upstream_strstate(enum upstream_state st)
 static enum upstream_failure
 upstream_failure_kind(struct upstream *u, const char *code, const char *reason)
 {
+	if (u->up_protocol)
+		return UPFAIL_PROTOCOL;
 	if (strstr(reason, "timed out") != NULL)
 		return UPFAIL_TIMEOUT;
 	if (u->up_state == UP_TLS_CONNECT || u->up_state == UP_STLS_HANDSHAKE ||
@@ -462,8 +465,22 @@ upstream_capa_line(struct upstream *u, const char *line, size_t len)
 static void
 upstream_login_rejected(struct upstream *u, const char *line, size_t len)
 {
-	char	code[32];
+	char	code[32], reason[80];
 
+	/*
+	 * Neither +OK nor -ERR is no verdict on the credentials but a
+	 * server that does not speak POP3 (or not to us): say so, or an
+	 * operator would change a password that is fine.
+	 */
+	if (pop3_response_status(line, len) == -1) {
+		snprintf(reason, sizeof(reason), "the mail server sent an "
+		    "invalid reply to %s", u->up_state == UP_USER ? "USER" :
+		    u->up_state == UP_PASS ? "PASS" : u->up_state == UP_APOP ?
+		    "APOP" : "AUTH");
+		u->up_protocol = 1;
+		upstream_fail(u, "SYS/TEMP", reason);
+		return;
+	}
 	if (pop3_response_code(line, len, code, sizeof(code)) &&
 	    (strcmp(code, "SYS/TEMP") == 0 || strcmp(code, "SYS/PERM") == 0 ||
 	    strcmp(code, "IN-USE") == 0 || strcmp(code, "LOGIN-DELAY") == 0))
@@ -776,6 +793,7 @@ static void
 upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 {
 	struct upstream	*u = arg;
+	const char	*why, *detail;
 	char		 reason[300];
 	int		 err;
 
@@ -806,8 +824,15 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 		return;
 	}
 	if (u->up_state == UP_TLS_CONNECT || u->up_state == UP_STLS_HANDSHAKE) {
+		if ((why = tls_error_string(bev, &detail)) == NULL) {
+			log_debug("session=%lu TLS handshake cut: %s",
+			    session_id(u->up_session), detail);
+			upstream_fail(u, "SYS/TEMP", "the mail server closed the "
+			    "connection during the TLS handshake");
+			return;
+		}
 		snprintf(reason, sizeof(reason), "TLS with the mail server failed: %s",
-		    tls_error_string(bev));
+		    why);
 		upstream_fail(u, "SYS/TEMP", reason);
 		return;
 	}

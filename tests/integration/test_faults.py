@@ -19,6 +19,7 @@ Every loop is bounded in count and in time; every server, thread and
 process a test starts is stopped by the test or its fixtures.
 """
 
+import http.client
 import os
 import random
 import re
@@ -447,7 +448,10 @@ def upworld(bins, dovecot, tmp_path_factory):
     crs = th.standard_crs()
     crs["faults.yaml"] = [th.cr("up-" + n, "d-" + n) for n in ups]
     names = th.STANDARD_SERVICES + ["up-" + n for n in ups]
-    t = th.start_tpmaild(bins, tmp_path_factory.mktemp("tpmaild-up"), crs, dests, UP_ARGS, names)
+    hp = th.pick_port_range(width=1)[0]
+    t = th.start_tpmaild(bins, tmp_path_factory.mktemp("tpmaild-up"), crs, dests,
+                         UP_ARGS + ["--http", "%s:%d" % (th.HOST, hp)], names)
+    t.http_port = hp
     t.ups = ups
     t.pid0 = t.pid
     yield t
@@ -458,6 +462,24 @@ def upworld(bins, dovecot, tmp_path_factory):
     finally:
         for u in ups.values():
             u.close()
+
+
+def upstream_failures(t, service):
+    """{reason: count} of tpmail_upstream_failures_total for a service."""
+    conn = http.client.HTTPConnection(th.HOST, t.http_port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        text = r.read().decode(errors="replace")
+        assert r.status == 200, (r.status, text[:300])
+    finally:
+        conn.close()
+    out = {}
+    for m in re.finditer(r'^tpmail_upstream_failures_total\{([^}]*)\} (\d+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("service") == service:
+            out[labels["reason"]] = int(m.group(2))
+    return out
 
 
 def sent_upstream(t, name):
@@ -578,7 +600,9 @@ def test_upstream_garbage_instead_of_ok(upworld, mailboxes, step):
                 assert c.cmd("STAT") == b"+OK 1 100\r\n"
                 assert c.cmd("QUIT").startswith(b"+OK")
             else:
-                assert c.greeting.startswith(b"-ERR ["), c.greeting
+                # a protocol error of the server, not rejected credentials
+                assert c.greeting == (b"-ERR [SYS/TEMP] the mail server sent an invalid "
+                                      b"reply to %s\r\n" % step.upper().encode()), c.greeting
                 c.wait_closed(10 * SLOW)
         finally:
             c.close()
@@ -587,6 +611,11 @@ def test_upstream_garbage_instead_of_ok(upworld, mailboxes, step):
         assert b"PASS" not in sent, sent
     if step != "capa":
         no_quit_upstream(t, "garbage-" + step)
+        # counted as a protocol failure, never as auth
+        svc = "up-garbage-" + step
+        counts = wait_for(lambda: (lambda c: c if c.get("protocol") else None)(
+            upstream_failures(t, svc)), 10, interval=0.1, what="the failure to be counted")
+        assert counts["protocol"] == 1 and counts["auth"] == 0, counts
     supervisor_ok(t, t.pid0)
 
 
@@ -631,6 +660,15 @@ def test_upstream_stls_failures(upworld, mailboxes, name):
         assert word not in sent, "%r sent in cleartext: %r" % (word, sent)
     if name == "stls-inject":
         assert "possible injection" in log_since(t, mark)
+    if name == "stls-ok-close":
+        # said plainly, not as OpenSSL's "error:00000005:lib(0)::reason(5)"
+        plain = b"the mail server closed the connection during the TLS handshake"
+        assert g == b"-ERR [SYS/TEMP] " + plain + b"\r\n", g
+        fails = [l for l in log_since(t, mark).splitlines()
+                 if "up-stls-ok-close" in l and "result=fail" in l]
+        assert any("state=stls-handshake" in l and plain.decode() in l for l in fails), fails
+        # OpenSSL's own words only on a debug line
+        assert not [l for l in fails if "error:" in l], fails
     supervisor_ok(t, t.pid0)
 
 
