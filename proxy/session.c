@@ -295,8 +295,16 @@ session_client_read(struct session *s)
 	size_t			 eol_len, len;
 	char			*line;
 
-	while (s->se_state == SESSION_RELAY && !s->se_quit &&
-	    s->se_npending < PARAM_MAX_PENDING) {
+	while (s->se_state == SESSION_RELAY && !s->se_quit) {
+		/*
+		 * A full queue may be local replies only: they leave at once.
+		 * Stopping here instead would strand the lines already read
+		 * until the client sent more, which it need not.
+		 */
+		if (s->se_npending >= PARAM_MAX_PENDING)
+			session_pump(s);
+		if (s->se_npending >= PARAM_MAX_PENDING)
+			break;
 		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
 		if (eol.pos == -1) {
 			if (evbuffer_get_length(in) >= (size_t)s->se_cfg->max_line) {
