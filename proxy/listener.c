@@ -12,6 +12,7 @@
 
 #include <event2/listener.h>
 
+#include "accept_pause.h"
 #include "log.h"
 #include "params.h"
 #include "proxy.h"
@@ -43,27 +44,11 @@ listener_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 	session_new(fd, proxy->cfg);
 }
 
-static void
-listener_resume_cb(evutil_socket_t fd, short ev, void *arg)
+/* A draining proxy accepts no more, whatever paused it before. */
+static int
+listener_may_resume(void)
 {
-	if (proxy->listener != NULL && !proxy->draining)
-		evconnlistener_enable(proxy->listener);
-}
-
-static void
-listener_error_cb(struct evconnlistener *l, void *arg)
-{
-	int	err = EVUTIL_SOCKET_ERROR();
-
-	if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
-		log_warnx("accept: %s; pausing for %d s", strerror(err),
-		    PARAM_ACCEPT_PAUSE);
-		evconnlistener_disable(l);
-		event_add(proxy->accept_pause,
-		    &(struct timeval){ PARAM_ACCEPT_PAUSE, 0 });
-		return;
-	}
-	log_warnx("accept: %s", strerror(err));
+	return proxy->listener != NULL && !proxy->draining;
 }
 
 void
@@ -74,8 +59,8 @@ listener_start(int fd)
 	    NULL, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
 	if (proxy->listener == NULL)
 		fatalx("cannot listen on the passed socket");
-	evconnlistener_set_error_cb(proxy->listener, listener_error_cb);
-	proxy->accept_pause = evtimer_new(proxy->base, listener_resume_cb, NULL);
+	proxy->accept_pause = accept_pause_new(proxy->base, proxy->listener,
+	    "client", PARAM_ACCEPT_PAUSE, listener_may_resume);
 }
 
 void

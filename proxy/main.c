@@ -526,8 +526,7 @@ main(int argc, char *argv[])
 		event_free(proxy->chan_ev);
 	if (proxy->drain_timer)
 		event_free(proxy->drain_timer);
-	if (proxy->accept_pause)
-		event_free(proxy->accept_pause);
+	accept_pause_free(proxy->accept_pause);
 	event_base_free(proxy->base);
 	free(proxy);
 	return 0;

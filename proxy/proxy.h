@@ -11,6 +11,7 @@
 #include <event2/bufferevent.h>
 #include <openssl/ssl.h>
 
+#include "accept_pause.h"
 #include "pop3_parse.h"
 
 enum upstream_tls {
@@ -104,7 +105,7 @@ struct proxy {
 	struct proxy_config	*cfg;
 	struct evconnlistener	*listener;
 	struct event		*chan_ev;
-	struct event		*accept_pause;
+	struct accept_pause	*accept_pause;
 	struct event		*drain_timer;
 	int			 chan;
 	pid_t			 ppid;		/* tpmaild */
@@ -142,6 +143,11 @@ void	listener_stop(void);
 
 /* session.c */
 struct session;
+/* bev_send.c */
+void	bev_send(struct bufferevent *, const void *, size_t);
+void	bev_send_secret(struct bufferevent *, char *, size_t,
+	    void (*)(const void *, size_t, void *));
+
 void	session_new(int fd, struct proxy_config *);
 void	session_upstream_ready(struct session *);
 void	session_upstream_failed(struct session *, const char *code,

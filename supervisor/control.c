@@ -17,6 +17,7 @@
 #include <event2/bufferevent.h>
 #include <event2/listener.h>
 
+#include "accept_pause.h"
 #include "log.h"
 #include "msg.h"
 #include "supervisor.h"
@@ -277,24 +278,7 @@ control_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 	bufferevent_enable(bev, EV_READ | EV_WRITE);
 }
 
-static struct event	*control_resume;
-
-static void
-control_resume_cb(evutil_socket_t fd, short ev, void *arg)
-{
-	if (control_listener != NULL)
-		evconnlistener_enable(control_listener);
-}
-
-/* Out of descriptors: stop accepting for a second instead of spinning. */
-static void
-control_accept_error_cb(struct evconnlistener *l, void *arg)
-{
-	log_warnx("control accept: %s; pausing for 1 s",
-	    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
-	evconnlistener_disable(l);
-	event_add(control_resume, &(struct timeval){ 1, 0 });
-}
+static struct accept_pause	*control_pause;
 
 void
 control_start(void)
@@ -316,8 +300,9 @@ control_start(void)
 		close(dirfd);
 	if (control_listener == NULL)
 		fatal("cannot listen on %s", sup->st.control);
-	control_resume = evtimer_new(sup->base, control_resume_cb, NULL);
-	evconnlistener_set_error_cb(control_listener, control_accept_error_cb);
+	/* out of descriptors: stop accepting for a second, not spin */
+	control_pause = accept_pause_new(sup->base, control_listener,
+	    "control", 1, NULL);
 }
 
 void
@@ -328,7 +313,6 @@ control_stop(void)
 		unlink(sup->st.control);
 	}
 	control_listener = NULL;
-	if (control_resume != NULL)
-		event_free(control_resume);
-	control_resume = NULL;
+	accept_pause_free(control_pause);
+	control_pause = NULL;
 }

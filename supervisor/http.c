@@ -16,6 +16,7 @@
 #include <event2/http.h>
 #include <event2/listener.h>
 
+#include "accept_pause.h"
 #include "log.h"
 #include "supervisor.h"
 
@@ -322,25 +323,7 @@ http_metrics(struct evhttp_request *req, void *arg)
 	evbuffer_free(b);
 }
 
-static struct evconnlistener	*http_listener;
-static struct event		*http_resume;
-
-static void
-http_resume_cb(evutil_socket_t fd, short ev, void *arg)
-{
-	if (http_listener != NULL)
-		evconnlistener_enable(http_listener);
-}
-
-/* Out of descriptors: stop accepting for a second instead of spinning. */
-static void
-http_accept_error_cb(struct evconnlistener *l, void *arg)
-{
-	log_warnx("HTTP accept: %s; pausing for 1 s",
-	    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
-	evconnlistener_disable(l);
-	event_add(http_resume, &(struct timeval){ 1, 0 });
-}
+static struct accept_pause	*http_pause;
 
 int
 http_start(void)
@@ -366,9 +349,9 @@ http_start(void)
 		return -1;
 	}
 	free(addr);
-	http_listener = evhttp_bound_socket_get_listener(bound);
-	http_resume = evtimer_new(sup->base, http_resume_cb, NULL);
-	evconnlistener_set_error_cb(http_listener, http_accept_error_cb);
+	/* out of descriptors: stop accepting for a second, not spin */
+	http_pause = accept_pause_new(sup->base,
+	    evhttp_bound_socket_get_listener(bound), "HTTP", 1, NULL);
 	evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
 	evhttp_set_cb(http, "/healthz", http_healthz, NULL);
 	evhttp_set_cb(http, "/readyz", http_readyz, NULL);
@@ -384,8 +367,6 @@ http_stop(void)
 	if (http != NULL)
 		evhttp_free(http);
 	http = NULL;
-	http_listener = NULL;
-	if (http_resume != NULL)
-		event_free(http_resume);
-	http_resume = NULL;
+	accept_pause_free(http_pause);
+	http_pause = NULL;
 }
