@@ -584,18 +584,36 @@ write_ctx(const char *key, const char *what)
 	return c;
 }
 
+/* Whether an object carries tpmail's managed-by label. */
+static int
+managed_by_tpmail(json_t *o)
+{
+	const char	*m = json_string_value(json_object_get(json_object_get(
+			    json_object_get(o, "metadata"), "labels"),
+			    LABEL_MANAGED));
+
+	return m != NULL && strcmp(m, "tpmail") == 0;
+}
+
+/* The same of a Service as the API server returned it. */
+static int
+body_managed_by_tpmail(const char *body, size_t len)
+{
+	json_error_t	 jerr;
+	json_t		*j = json_loadb(body, len, 0, &jerr);
+	int		 ours = managed_by_tpmail(j);
+
+	json_decref(j);
+	return ours;
+}
+
 static void
 clash_check_done(long status, const char *body, size_t len, const char *err,
     void *arg)
 {
 	struct write_ctx	*c = arg;
-	json_error_t		 jerr;
-	json_t			*j = json_loadb(body, len, 0, &jerr);
-	const char		*m;
 
-	m = json_string_value(json_object_get(json_object_get(json_object_get(j,
-	    "metadata"), "labels"), LABEL_MANAGED));
-	if (status == 200 && (m == NULL || strcmp(m, "tpmail") != 0)) {
+	if (status == 200 && !body_managed_by_tpmail(body, len)) {
 		if (json_object_get(clashes, c->key) == NULL) {
 			log_warnx("kubernetes: Service %s exists and is not "
 			    "tpmail's: leaving it alone", c->key);
@@ -603,7 +621,6 @@ clash_check_done(long status, const char *body, size_t len, const char *err,
 			reconcile_schedule();
 		}
 	}
-	json_decref(j);
 	write_ctx_free(c);
 }
 
@@ -695,9 +712,6 @@ precheck_done(long status, const char *body, size_t len, const char *err,
     void *arg)
 {
 	struct write_ctx	*c = arg;
-	json_error_t		 jerr;
-	json_t			*j;
-	const char		*m;
 
 	if (err != NULL || (status != 200 && status != 404)) {
 		json_object_del(prechecked, c->key);	/* ask again soon */
@@ -707,21 +721,14 @@ precheck_done(long status, const char *body, size_t len, const char *err,
 		write_ctx_free(c);
 		return;
 	}
-	if (status == 200) {
-		j = json_loadb(body, len, 0, &jerr);
-		m = json_string_value(json_object_get(json_object_get(
-		    json_object_get(j, "metadata"), "labels"), LABEL_MANAGED));
-		if (m == NULL || strcmp(m, "tpmail") != 0) {
-			log_warnx("kubernetes: Service %s exists and is not "
-			    "tpmail's: leaving it alone", c->key);
-			json_object_set_new(clashes, c->key, json_true());
-			json_object_del(prechecked, c->key);
-			json_decref(j);
-			write_ctx_free(c);
-			reconcile_schedule();
-			return;
-		}
-		json_decref(j);
+	if (status == 200 && !body_managed_by_tpmail(body, len)) {
+		log_warnx("kubernetes: Service %s exists and is not tpmail's: "
+		    "leaving it alone", c->key);
+		json_object_set_new(clashes, c->key, json_true());
+		json_object_del(prechecked, c->key);
+		write_ctx_free(c);
+		reconcile_schedule();
+		return;
 	}
 	json_object_set_new(prechecked, c->key, json_string("free"));
 	write_ctx_free(c);
@@ -1013,7 +1020,7 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 {
 	struct service	*sv;
 	json_t		*desired = json_object(), *o;
-	const char	*key, *m;
+	const char	*key;
 	char		 path[800];
 	int		 i;
 
@@ -1030,9 +1037,7 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 			publish_service(sv, desired);
 	/* Services tpmail made whose tenant or CR is gone */
 	json_object_foreach(svc_watch.kw_st.ks_objects, key, o) {
-		m = json_string_value(json_object_get(json_object_get(
-		    json_object_get(o, "metadata"), "labels"), LABEL_MANAGED));
-		if (m == NULL || strcmp(m, "tpmail") != 0 ||
+		if (!managed_by_tpmail(o) ||
 		    json_object_get(desired, key) != NULL ||
 		    meta_str(o, "deletionTimestamp") != NULL)
 			continue;
@@ -1074,23 +1079,13 @@ clash_recheck_done(long status, const char *body, size_t len, const char *err,
     void *arg)
 {
 	struct write_ctx	*c = arg;
-	json_error_t		 jerr;
-	json_t			*j;
-	const char		*m = NULL;
 
-	if (err == NULL && (status == 200 || status == 404)) {
-		j = status == 200 ? json_loadb(body, len, 0, &jerr) : NULL;
-		m = json_string_value(json_object_get(json_object_get(
-		    json_object_get(j, "metadata"), "labels"), LABEL_MANAGED));
-		if (status == 404 || (m != NULL && strcmp(m, "tpmail") == 0)) {
-			log_info("kubernetes: Service %s is no longer in the "
-			    "way", c->key);
-			json_object_del(clashes, c->key);
-			json_object_set_new(prechecked, c->key,
-			    json_string("free"));
-			reconcile_schedule();
-		}
-		json_decref(j);
+	if (err == NULL && (status == 404 ||
+	    (status == 200 && body_managed_by_tpmail(body, len)))) {
+		log_info("kubernetes: Service %s is no longer in the way", c->key);
+		json_object_del(clashes, c->key);
+		json_object_set_new(prechecked, c->key, json_string("free"));
+		reconcile_schedule();
 	}
 	write_ctx_free(c);
 }
