@@ -67,6 +67,7 @@ struct session {
 	struct bufferevent	*se_ubev;	/* upstream's, once ready */
 	struct event		*se_uread;	/* our own reader of the upstream */
 	SSL			*se_ussl;	/* its TLS, when it has one */
+	short			 se_ueof;	/* its end, owed once its input is relayed */
 	struct event		*se_cwrite;	/* our own writer to the client */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
@@ -114,7 +115,7 @@ session_upstream_reading(struct session *s, int on)
 			bufferevent_enable(s->se_ubev, EV_READ);
 		else
 			bufferevent_disable(s->se_ubev, EV_READ);
-	} else if (!on)
+	} else if (!on || s->se_ueof)
 		event_del(s->se_uread);
 	else if (!event_pending(s->se_uread, EV_READ, NULL)) {
 		event_add(s->se_uread, &(struct timeval){
@@ -286,6 +287,35 @@ session_command(struct session *s, char *line, size_t len)
 	}
 }
 
+/*
+ * Whether to read the client: not while its queue is full, nor while it
+ * has not taken half the buffer budget of replies (a client that pipelines
+ * without reading would otherwise grow its output without bound).
+ */
+static int
+session_client_may_read(struct session *s)
+{
+	return s->se_state == SESSION_RELAY && !s->se_quit &&
+	    !s->se_client_eof && s->se_npending < PARAM_MAX_PENDING &&
+	    evbuffer_get_length(bufferevent_get_output(s->se_client)) <
+	    (size_t)s->se_cfg->max_buffer / 2;
+}
+
+static void
+session_client_reading_update(struct session *s)
+{
+	struct evbuffer	*in = bufferevent_get_input(s->se_client);
+
+	if (!session_client_may_read(s)) {
+		bufferevent_disable(s->se_client, EV_READ);
+		return;
+	}
+	bufferevent_enable(s->se_client, EV_READ);
+	/* lines already read wait for no new bytes */
+	if (evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_CRLF).pos != -1)
+		session_client_read(s);
+}
+
 /* Read complete lines from the client, as many as the queue takes. */
 static void
 session_client_read(struct session *s)
@@ -303,7 +333,9 @@ session_client_read(struct session *s)
 		 */
 		if (s->se_npending >= PARAM_MAX_PENDING)
 			session_pump(s);
-		if (s->se_npending >= PARAM_MAX_PENDING)
+		if (s->se_npending >= PARAM_MAX_PENDING ||
+		    evbuffer_get_length(bufferevent_get_output(s->se_client)) >=
+		    (size_t)s->se_cfg->max_buffer / 2)
 			break;
 		eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
 		if (eol.pos == -1) {
@@ -344,10 +376,10 @@ session_client_read(struct session *s)
 		secret_wipe(line, len);
 		free(line);
 	}
-	/* the queue is full: read again when replies drain it */
-	if (s->se_state == SESSION_RELAY && s->se_npending >= PARAM_MAX_PENDING)
-		bufferevent_disable(s->se_client, EV_READ);
 	session_pump(s);
+	/* the queue or the output full: read again when they drain */
+	if (s->se_state == SESSION_RELAY && !session_client_may_read(s))
+		bufferevent_disable(s->se_client, EV_READ);
 }
 
 /* Write local replies at the head and send relayed commands upstream. */
@@ -372,12 +404,11 @@ session_pump(struct session *s)
 		/* Without PIPELINING upstream, one command at a time. */
 		if (s->se_inflight > 0 && !upstream_pipelining(s->se_up))
 			break;
-		bufferevent_write(s->se_ubev, p->pe_data, p->pe_len);
+		bev_send(s->se_ubev, p->pe_data, p->pe_len);
 		p->pe_sent = 1;
 		s->se_inflight++;
 	}
-	if (s->se_npending < PARAM_MAX_PENDING && !s->se_quit &&
-	    !s->se_client_eof)
+	if (session_client_may_read(s))
 		bufferevent_enable(s->se_client, EV_READ);
 }
 
@@ -599,8 +630,11 @@ session_upstream_fd_cb(evutil_socket_t fd, short what, void *arg)
 		return;
 	if (open <= 0) {
 		event_del(s->se_uread);
-		session_upstream_event_cb(s->se_ubev, BEV_EVENT_READING |
-		    (open == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR), s);
+		s->se_ueof = open == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR;
+		/* a slow client has not taken all yet: its end comes after */
+		if (evbuffer_get_length(in) == 0)
+			session_upstream_event_cb(s->se_ubev, BEV_EVENT_READING |
+			    s->se_ueof, s);
 	} else if (s->se_ussl != NULL && SSL_pending(s->se_ussl) > 0 &&
 	    event_pending(s->se_uread, EV_READ, NULL))
 		event_active(s->se_uread, EV_READ, 0);	/* more, decrypted */
@@ -706,13 +740,21 @@ session_client_send(struct session *s)
 			return;
 		}
 		event_del(s->se_cwrite);
+		/* drained: a client paused for its output may go on */
+		session_client_reading_update(s);
+		if (evbuffer_get_length(out) > 0)
+			continue;	/* answers to the lines it had sent */
 		if (s->se_ubev == NULL)
 			return;
-		/* drained: what waits upstream can follow */
+		/* and what waits upstream can follow */
 		session_upstream_reading(s, 1);
 		in = bufferevent_get_input(s->se_ubev);
-		if (evbuffer_get_length(in) == 0)
+		if (evbuffer_get_length(in) == 0) {
+			if (s->se_ueof)
+				session_upstream_event_cb(s->se_ubev,
+				    BEV_EVENT_READING | s->se_ueof, s);
 			return;
+		}
 		session_upstream_read(s);
 		if (evbuffer_get_length(out) == 0)
 			return;
@@ -751,6 +793,8 @@ session_client_write_cb(struct bufferevent *bev, void *arg)
 			session_close(s, s->se_failed, s->se_reason);
 		return;
 	}
+	if (s->se_state == SESSION_RELAY)
+		session_client_reading_update(s);
 	if (s->se_state == SESSION_RELAY && s->se_ubev != NULL) {
 		session_upstream_reading(s, 1);
 		session_upstream_read(s);

@@ -151,18 +151,20 @@ upstream_secret_done(const void *data, size_t len, void *line)
 static void
 upstream_send_secret(struct upstream *u, char *line, size_t len)
 {
-	struct evbuffer	*out = bufferevent_get_output(u->up_bev);
-
-	/* evbuffer_add_reference sends from our copy and tells us when done. */
-	if (evbuffer_add_reference(out, line, len, upstream_secret_done,
-	    line) == -1)
-		secret_free(line);
+	bev_send_secret(u->up_bev, line, len, upstream_secret_done);
 }
 
 static void
 upstream_sendf(struct upstream *u, const char *fmt, const char *arg)
 {
-	evbuffer_add_printf(bufferevent_get_output(u->up_bev), fmt, arg);
+	char	line[PARAM_MAX_LINE];
+	int	n = snprintf(line, sizeof(line), fmt, arg);
+
+	if (n < 0 || (size_t)n >= sizeof(line))
+		evbuffer_add_printf(bufferevent_get_output(u->up_bev), fmt,
+		    arg);
+	else
+		bev_send(u->up_bev, line, n);
 }
 
 static char *

@@ -789,6 +789,89 @@ def test_client_never_reads_a_large_retr(spawn, dovecot, dovecot_log, bins, mail
     supervisor_ok(t, pid0)
 
 
+def test_client_pipelines_without_reading(spawn, bins, mailboxes):
+    """A client that pipelines commands the proxy answers itself (CAPA) and
+    reads nothing: the proxy stops reading it once half --max-buffer of
+    replies wait (RSS stays bounded), and when it reads at last it gets
+    every reply, in order, then STAT's."""
+    t = spawn(args=["--max-buffer", "262144"])
+    pid0 = t.pid
+    port = t.port("mail")
+    ppid = t.services()["mail"]["pid"]
+    full_session(port, mailboxes["alice"])       # warm up the proxy's allocator
+    base = rss_kib(ppid)
+    n = 200000                                   # ~20 MB of CAPA replies owed
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    c.connect((th.HOST, port))
+    c.settimeout(15)
+    g = b""
+    while not g.endswith(b"\r\n"):
+        g += c.recv(100)
+    assert g.startswith(b"+OK"), g
+    c.setblocking(False)
+    batch = b"CAPA\r\n" * 1000
+    sent = peak = 0
+    t0 = time.monotonic()
+    # send until the proxy stops taking lines (bounded in count and time)
+    while sent < n * 6 and time.monotonic() - t0 < 20:
+        try:
+            # one stream of CAPA lines, however much each send takes
+            sent += c.send(batch[sent % 6:][: n * 6 - sent])
+        except BlockingIOError:
+            peak = max(peak, rss_kib(ppid) or 0)
+            time.sleep(0.05)
+            if time.monotonic() - t0 > 3:
+                break
+    peak = max(peak, rss_kib(ppid) or 0)
+    growth = peak - base
+    lines_sent = sent // 6
+    assert lines_sent < n, "the proxy took all %d lines without the client reading" % n
+    # now read everything (while the rest is sent: the proxy reads the
+    # client only as it takes its replies): every line gets its reply
+    c.setblocking(True)
+    c.settimeout(15)
+    rest = sent % 6
+    if rest:
+        lines_sent += 1
+    want = lines_sent
+    got = {"data": b"", "capas": 0, "error": None}
+
+    def reader():
+        try:
+            while True:
+                d = c.recv(1 << 20)
+                if not d:
+                    got["error"] = "closed"
+                    return
+                got["data"] += d
+                tail = got["data"][-200:]
+                if re.search(rb"\r\n\.\r\n\+OK \d+ \d+\r\n$", tail):
+                    return
+        except OSError as e:
+            got["error"] = repr(e)
+    th_reader = threading.Thread(target=reader, daemon=True)
+    th_reader.start()
+    c.sendall((b"CAPA\r\n"[rest:] if rest else b"") + b"STAT\r\n")
+    th_reader.join(60)
+    assert not th_reader.is_alive(), "the replies did not all arrive"
+    assert got["error"] is None, (got["error"], len(got["data"]), got["data"][-300:])
+    data = got["data"]
+    capas = data.count(b"+OK Capability list follows")
+    c.sendall(b"QUIT\r\n")
+    c.close()
+    print("FAULT pipelines-without-reading: %d lines taken; proxy RSS %d -> peak %d KiB (+%d)"
+          % (lines_sent, base, peak, growth))
+    assert capas == want, (capas, want)
+    assert data.startswith(b"+OK Capability list follows"), data[:100]
+    # under ASan every freed reply stays in its quarantine: RSS says
+    # nothing there (the release run in scripts/test checks the bound)
+    if not is_sanitizer_build(bins):
+        assert growth < 4096, "proxy RSS grew by %d KiB for a client that never read" % growth
+    supervisor_ok(t, pid0)
+
+
 def test_many_idle_connections(spawn, bins, mailboxes):
     """--max-sessions 30: 30 idle sessions are held (memory per session
     measured), 10 more get -ERR [SYS/TEMP] at once, another tenant is
