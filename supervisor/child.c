@@ -366,14 +366,44 @@ service_log_read_cb(struct bufferevent *bev, void *arg)
 	}
 }
 
+/*
+ * The pipe is about to go: print what the proxy wrote last and tpmaild has
+ * not read yet.  That is what matters most for diagnosis (a crash message,
+ * a sanitizer's report at exit), and a freed service used to drop it.
+ * Bounded, and never blocking on a proxy that still runs.
+ */
+static void
+service_log_free(struct bufferevent *bev)
+{
+	struct evbuffer	*in = bufferevent_get_input(bev);
+	evutil_socket_t	 fd = bufferevent_getfd(bev);
+	int		 i;
+
+	if (fd != -1) {
+		evutil_make_socket_nonblocking(fd);
+		/* a socket bufferevent keeps its input's end frozen */
+		evbuffer_unfreeze(in, 0);
+		for (i = 0; i < 256; i++)
+			if (evbuffer_read(in, fd, 65536) <= 0)
+				break;
+		evbuffer_freeze(in, 0);
+	}
+	service_log_read_cb(bev, NULL);
+	if (evbuffer_get_length(in) > 0) {
+		fwrite(evbuffer_pullup(in, -1), 1, evbuffer_get_length(in),
+		    stderr);
+		fputc('\n', stderr);
+	}
+	bufferevent_free(bev);
+}
+
 /* arg: the slot holding this bufferevent (a service's or a retired's). */
 static void
 service_log_event_cb(struct bufferevent *bev, short what, void *arg)
 {
 	struct bufferevent	**slot = arg;
 
-	service_log_read_cb(bev, NULL);
-	bufferevent_free(bev);
+	service_log_free(bev);
 	if (*slot == bev)
 		*slot = NULL;
 }
@@ -471,7 +501,7 @@ service_start(struct service *sv)
 	close(sp[1]);
 	close(lp[1]);
 	if (sv->sv_log != NULL)
-		bufferevent_free(sv->sv_log);
+		service_log_free(sv->sv_log);
 	evutil_make_socket_nonblocking(lp[0]);
 	sv->sv_log = bufferevent_socket_new(sup->base, lp[0], BEV_OPT_CLOSE_ON_FREE);
 	bufferevent_setcb(sv->sv_log, service_log_read_cb, NULL,
@@ -557,7 +587,7 @@ service_free(struct service *sv)
 	json_decref(sv->sv_base);
 	free(sv->sv_ca);
 	if (sv->sv_log != NULL)
-		bufferevent_free(sv->sv_log);
+		service_log_free(sv->sv_log);
 	free(sv->sv_key);
 	free(sv->sv_namespace);
 	free(sv->sv_name);
@@ -677,7 +707,7 @@ retired_free(struct retired *rt)
 	if (rt->rt_chan != -1)
 		close(rt->rt_chan);
 	if (rt->rt_log != NULL)
-		bufferevent_free(rt->rt_log);
+		service_log_free(rt->rt_log);
 	json_decref(rt->rt_counters);
 	free(rt->rt_key);
 	free(rt);

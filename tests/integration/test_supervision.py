@@ -2,6 +2,7 @@
 others; SIGTERM stops everything cleanly."""
 
 import os
+import re
 import signal
 import time
 
@@ -83,6 +84,11 @@ def test_sigterm_stops_everything(tpmaild_factory, mailboxes):
     # the client's session was ended
     c.wait_closed(10)
     c.close()
+    # each proxy's last words (written as it exits) reached tpmaild's log
+    log = t.log_text()
+    for p in pids:
+        assert re.search(r'"pid":%d,"msg":"exiting: sessions total=' % p, log), \
+            "proxy %d's exit line is missing from the log" % p
 
 
 def _control_answers(t):
