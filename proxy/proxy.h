@@ -167,6 +167,7 @@ struct upstream	*upstream_start(struct session *, struct proxy_config *,
 struct bufferevent *upstream_bev(struct upstream *);
 const char	*upstream_capa(struct upstream *);
 int		 upstream_pipelining(struct upstream *);
+void		 upstream_login_done(struct upstream *);
 void		 upstream_free(struct upstream *);
 
 /* tls.c */

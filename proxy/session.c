@@ -69,6 +69,7 @@ struct session {
 	SSL			*se_ussl;	/* its TLS, when it has one */
 	short			 se_ueof;	/* its end, owed once its input is relayed */
 	struct event		*se_cwrite;	/* our own writer to the client */
+	int			 se_cdirect;	/* the session writes to the client */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
 	int			 se_inflight;	/* relayed, reply not complete */
@@ -713,6 +714,18 @@ session_client_write(struct session *s, evutil_socket_t fd)
 	return (n == -1 && errno != EAGAIN && errno != EINTR) ? -1 : 0;
 }
 
+static void	session_client_fd_cb(evutil_socket_t, short, void *);
+
+/* The client's write event, made when its socket is first full. */
+static struct event *
+session_client_writer(struct session *s)
+{
+	if (s->se_cwrite == NULL)
+		s->se_cwrite = event_new(proxy->base, bufferevent_getfd(
+		    s->se_client), EV_WRITE, session_client_fd_cb, s);
+	return s->se_cwrite;
+}
+
 /*
  * Write what the client is owed, now rather than on the next loop turn,
  * and while its output drains relay more of what the mail server sent.
@@ -725,21 +738,27 @@ session_client_send(struct session *s)
 	struct evbuffer	*out = bufferevent_get_output(s->se_client);
 	struct evbuffer	*in;
 
-	while (s->se_cwrite != NULL && s->se_state == SESSION_RELAY &&
+	while (s->se_cdirect && s->se_state == SESSION_RELAY &&
 	    !s->se_client_gone) {
 		if (evbuffer_get_length(out) > 0 && session_client_write(s,
 		    bufferevent_getfd(s->se_client)) == -1) {
 			/* handled in the writer's callback, not under our callers */
-			event_active(s->se_cwrite, EV_WRITE, 0);
+			if (session_client_writer(s) != NULL)
+				event_active(s->se_cwrite, EV_WRITE, 0);
+			else
+				session_close(s, 1, "out of memory");
 			return;
 		}
 		if (evbuffer_get_length(out) > 0) {
-			if (!event_pending(s->se_cwrite, EV_WRITE, NULL))
+			if (session_client_writer(s) == NULL)
+				session_close(s, 1, "out of memory");
+			else if (!event_pending(s->se_cwrite, EV_WRITE, NULL))
 				event_add(s->se_cwrite, &(struct timeval){
 				    s->se_cfg->idle_timeout, 0 });
 			return;
 		}
-		event_del(s->se_cwrite);
+		if (s->se_cwrite != NULL)
+			event_del(s->se_cwrite);
 		/* drained: a client paused for its output may go on */
 		session_client_reading_update(s);
 		if (evbuffer_get_length(out) > 0)
@@ -1031,14 +1050,17 @@ session_upstream_ready(struct session *s)
 	else
 		s->se_ussl = NULL;
 	session_upstream_reading(s, 1);
-	/* from now on the session writes to the client itself */
-	if ((s->se_cwrite = event_new(proxy->base, bufferevent_getfd(
-	    s->se_client), EV_WRITE, session_client_fd_cb, s)) != NULL)
-		bufferevent_disable(s->se_client, EV_WRITE);
+	/*
+	 * From now on the session writes to the client itself; its write
+	 * event is made the first time the client's socket is full.
+	 */
+	s->se_cdirect = 1;
+	bufferevent_disable(s->se_client, EV_WRITE);
 	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
 		session_close(s, 1, "out of memory");
 		return;
 	}
+	upstream_login_done(s->se_up);
 	session_enter_state(s, SESSION_RELAY);
 	/* the greeting, or for an exchanged token the answer to its AUTH */
 	evbuffer_add_printf(bufferevent_get_output(s->se_client), "%s",

@@ -58,7 +58,7 @@ struct upstream {
 	int			 up_tls;	/* the TLS bufferevent owns the socket */
 	enum upstream_state	 up_state;
 	struct event		*up_timer;
-	char			 up_apop_ts[256];
+	char			*up_apop_ts;	/* the greeting's, for APOP */
 	char			*up_capa;	/* raw capability lines */
 	size_t			 up_capa_len;
 	int			 up_has_capa;
@@ -127,7 +127,8 @@ upstream_fail(struct upstream *u, const char *code, const char *reason)
 	    upstream_strstate(u->up_state), reason);
 	proxy_upstream_failed(upstream_failure_kind(u, code, reason));
 	u->up_state = UP_FAILED;
-	evtimer_del(u->up_timer);
+	if (u->up_timer != NULL)
+		evtimer_del(u->up_timer);
 	if (u->up_bev != NULL)
 		bufferevent_disable(u->up_bev, EV_READ | EV_WRITE);
 	session_upstream_failed(u->up_session, code, reason);
@@ -380,7 +381,7 @@ upstream_enter_state(struct upstream *u, enum upstream_state st)
 		break;
 	}
 	case UP_APOP:
-		if (u->up_apop_ts[0] == '\0') {
+		if (u->up_apop_ts == NULL) {
 			upstream_fail(u, "SYS/TEMP",
 			    "APOP configured but the server offers no APOP timestamp");
 			return;
@@ -412,7 +413,8 @@ upstream_enter_state(struct upstream *u, enum upstream_state st)
 		upstream_send_oauth2(u);
 		break;
 	case UP_READY:
-		evtimer_del(u->up_timer);
+		if (u->up_timer != NULL)
+			evtimer_del(u->up_timer);
 		bufferevent_set_timeouts(u->up_bev, NULL, NULL);
 		log_debug("session=%lu upstream=%s:%d result=ready",
 		    session_id(u->up_session), u->up_cfg->host, u->up_cfg->port);
@@ -508,7 +510,8 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 		/* RFC 1939 APOP timestamp: <...> in the greeting */
 		lt = memchr(line, '<', len);
 		gt = lt ? memchr(lt, '>', line + len - lt) : NULL;
-		if (lt && gt && (size_t)(gt - lt + 1) < sizeof(u->up_apop_ts)) {
+		if (lt && gt && gt - lt + 1 < 256 && u->up_apop_ts == NULL &&
+		    (u->up_apop_ts = malloc(gt - lt + 2)) != NULL) {
 			memcpy(u->up_apop_ts, lt, gt - lt + 1);
 			u->up_apop_ts[gt - lt + 1] = '\0';
 		}
@@ -927,6 +930,23 @@ upstream_pipelining(struct upstream *u)
 	return u->up_pipelining;
 }
 
+/*
+ * The session has taken what it needs of the login (the capabilities):
+ * what only the login used goes, so that an idle session holds less.
+ */
+void
+upstream_login_done(struct upstream *u)
+{
+	if (u->up_timer != NULL)
+		event_free(u->up_timer);
+	u->up_timer = NULL;
+	free(u->up_capa);
+	u->up_capa = NULL;
+	u->up_capa_len = 0;
+	free(u->up_apop_ts);
+	u->up_apop_ts = NULL;
+}
+
 void
 upstream_free(struct upstream *u)
 {
@@ -944,5 +964,6 @@ upstream_free(struct upstream *u)
 	if (u->up_timer != NULL)
 		event_free(u->up_timer);
 	free(u->up_capa);
+	free(u->up_apop_ts);
 	free(u);
 }

@@ -257,6 +257,11 @@ upstream_pipelining(struct upstream *u)
 }
 
 void
+upstream_login_done(struct upstream *u)
+{
+}
+
+void
 upstream_free(struct upstream *u)
 {
 	if (u == NULL)
