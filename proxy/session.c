@@ -294,26 +294,39 @@ session_command(struct session *s, char *line, size_t len)
  * without reading would otherwise grow its output without bound).
  */
 static int
-session_client_may_read(struct session *s)
+session_client_backlogged(struct session *s)
 {
-	return s->se_state == SESSION_RELAY && !s->se_quit &&
-	    !s->se_client_eof && s->se_npending < PARAM_MAX_PENDING &&
-	    evbuffer_get_length(bufferevent_get_output(s->se_client)) <
+	return s->se_npending >= PARAM_MAX_PENDING ||
+	    evbuffer_get_length(bufferevent_get_output(s->se_client)) >=
 	    (size_t)s->se_cfg->max_buffer / 2;
 }
 
+static int
+session_client_may_read(struct session *s)
+{
+	return s->se_state == SESSION_RELAY && !s->se_quit &&
+	    !s->se_client_eof && !session_client_backlogged(s);
+}
+
+/*
+ * The client's output drained.  Read it again unless it is backlogged; after
+ * QUIT too, though only to notice it leave (its lines are not served).
+ */
 static void
 session_client_reading_update(struct session *s)
 {
 	struct evbuffer	*in = bufferevent_get_input(s->se_client);
 
-	if (!session_client_may_read(s)) {
+	if (s->se_state != SESSION_RELAY || s->se_client_eof)
+		return;
+	if (session_client_backlogged(s)) {
 		bufferevent_disable(s->se_client, EV_READ);
 		return;
 	}
 	bufferevent_enable(s->se_client, EV_READ);
 	/* lines already read wait for no new bytes */
-	if (evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_CRLF).pos != -1)
+	if (!s->se_quit &&
+	    evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_CRLF).pos != -1)
 		session_client_read(s);
 }
 
@@ -377,9 +390,12 @@ session_client_read(struct session *s)
 		secret_wipe(line, len);
 		free(line);
 	}
+	/* after QUIT nothing is served: what comes is dropped, not held */
+	if (s->se_quit)
+		evbuffer_drain(in, evbuffer_get_length(in));
 	session_pump(s);
 	/* the queue or the output full: read again when they drain */
-	if (s->se_state == SESSION_RELAY && !session_client_may_read(s))
+	if (s->se_state == SESSION_RELAY && session_client_backlogged(s))
 		bufferevent_disable(s->se_client, EV_READ);
 }
 
@@ -435,6 +451,21 @@ session_reply_done(struct session *s)
 		session_client_read(s);
 }
 
+/*
+ * Drop what the client is owed but can no longer take.  A socket
+ * bufferevent keeps the start of its output frozen, where a plain drain
+ * would fail.
+ */
+static void
+session_client_discard(struct session *s)
+{
+	struct evbuffer	*out = bufferevent_get_output(s->se_client);
+
+	evbuffer_unfreeze(out, 1);
+	evbuffer_drain(out, evbuffer_get_length(out));
+	evbuffer_freeze(out, 1);
+}
+
 /* Copy upstream replies to the client, tracking where each one ends. */
 void
 session_upstream_read(struct session *s)
@@ -449,6 +480,13 @@ session_upstream_read(struct session *s)
 	int			 i, nv, done = 0;
 
 	while (s->se_state == SESSION_RELAY && evbuffer_get_length(in) > 0) {
+		/*
+		 * A client gone after QUIT takes nothing more: its replies are
+		 * only followed to their end, so that the QUIT behind them
+		 * reaches the server and it commits, as the client asked.
+		 */
+		if (s->se_client_gone)
+			session_client_discard(s);
 		/* half the budget each way: upstream input, client output */
 		if (evbuffer_get_length(out) >= (size_t)s->se_cfg->max_buffer / 2) {
 			/* slow client: stop reading upstream until it drains */
@@ -856,6 +894,12 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 		bufferevent_disable(bev, EV_READ | EV_WRITE);
 		if (s->se_cwrite != NULL)
 			event_del(s->se_cwrite);
+		/* nobody takes what is owed: drop it, go on to the QUIT */
+		session_client_discard(s);
+		if (s->se_ubev != NULL) {
+			session_upstream_reading(s, 1);
+			session_upstream_read(s);
+		}
 		return;
 	}
 	session_close(s, 0, (what & BEV_EVENT_EOF) ? "client closed" :
