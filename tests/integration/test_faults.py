@@ -262,12 +262,7 @@ def spawn(bins, dovecot, tmp_path):
         return t
 
     yield make
-    errors = []
-    for t in started:
-        try:
-            th.teardown_tpmaild(t)
-        except AssertionError as e:
-            errors.append("%s\n--- tpmaild log tail ---\n%s" % (e, t.log_text()[-4000:]))
+    errors = th.teardown_all(started)
     if errors:
         pytest.fail("\n".join(errors), pytrace=False)
 

@@ -358,12 +358,7 @@ def unpriv_factory(bins, dovecot):
         return t
 
     yield make
-    errors = []
-    for t in started:
-        try:
-            th.teardown_tpmaild(t)
-        except AssertionError as e:
-            errors.append("%s\n--- tpmaild log tail ---\n%s" % (e, t.log_text()[-6000:]))
+    errors = th.teardown_all(started)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     if errors:

@@ -677,6 +677,18 @@ def start_tpmaild(bins, workdir, crs, destinations, args, expect):
     return t
 
 
+def teardown_all(started, tail=6000):
+    """Tear down every tpmaild a fixture started; returns a message (with
+    its log tail) for each that did not stop cleanly."""
+    errors = []
+    for t in started:
+        try:
+            teardown_tpmaild(t)
+        except AssertionError as e:
+            errors.append("%s\n--- tpmaild log tail ---\n%s" % (e, t.log_text()[-tail:]))
+    return errors
+
+
 def teardown_tpmaild(t, check=True):
     """SIGTERM; exit code 0; no proxy left.  Always leaves nothing running."""
     try:

@@ -166,18 +166,24 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             self.shutdown()
             self._thread.join(5)
         self.server_close()
-        with self._conns_lock:
-            conns = list(self._conns)
-            self._conns.clear()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                c.close()
-            except OSError:
-                pass
+        close_connections(self._conns, self._conns_lock)
+
+
+def close_connections(conns, lock):
+    """Shut down and close every socket in the set ``conns`` (guarded by
+    ``lock``) and empty it: a server's open keep-alive connections."""
+    with lock:
+        socks = list(conns)
+        conns.clear()
+    for c in socks:
+        try:
+            c.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            c.close()
+        except OSError:
+            pass
 
 
 def run_until(lifetime, stop_event=None):

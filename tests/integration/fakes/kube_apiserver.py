@@ -119,6 +119,11 @@ import time
 import urllib.parse
 import uuid
 
+try:
+    from . import common
+except ImportError:                 # run as a script
+    import common
+
 HOST = "127.0.0.1"
 IDLE_TIMEOUT = 30.0          # a silent keep-alive connection is closed after this
 OPENSSL = os.environ.get("OPENSSL_BIN") or "openssl"
@@ -885,18 +890,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
             pass
 
     def close_all(self):
-        with self._conns_lock:
-            conns = list(self._conns)
-            self._conns.clear()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                c.close()
-            except OSError:
-                pass
+        common.close_connections(self._conns, self._conns_lock)
 
 
 class KubeApiServer:
