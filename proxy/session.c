@@ -69,7 +69,6 @@ struct session {
 	SSL			*se_ussl;	/* its TLS, when it has one */
 	short			 se_ueof;	/* its end, owed once its input is relayed */
 	struct event		*se_cwrite;	/* our own writer to the client */
-	int			 se_cdirect;	/* the session writes to the client */
 	struct pending_queue	 se_queue;
 	int			 se_npending;
 	int			 se_inflight;	/* relayed, reply not complete */
@@ -776,7 +775,7 @@ session_client_send(struct session *s)
 	struct evbuffer	*out = bufferevent_get_output(s->se_client);
 	struct evbuffer	*in;
 
-	while (s->se_cdirect && s->se_state == SESSION_RELAY &&
+	while (s->se_state == SESSION_RELAY &&
 	    !s->se_client_gone) {
 		if (evbuffer_get_length(out) > 0 && session_client_write(s,
 		    bufferevent_getfd(s->se_client)) == -1) {
@@ -839,23 +838,18 @@ session_client_fd_cb(evutil_socket_t fd, short what, void *arg)
 	session_client_send(s);
 }
 
-/* Client output drained below the low watermark. */
+/*
+ * Client output drained below the low watermark.  The bufferevent writes
+ * only while the session closes; during the relay see session_client_send.
+ */
 static void
 session_client_write_cb(struct bufferevent *bev, void *arg)
 {
 	struct session	*s = arg;
 
-	if (s->se_state == SESSION_CLOSING) {
-		if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
-			session_close(s, s->se_failed, s->se_reason);
-		return;
-	}
-	if (s->se_state == SESSION_RELAY)
-		session_client_reading_update(s);
-	if (s->se_state == SESSION_RELAY && s->se_ubev != NULL) {
-		session_upstream_reading(s, 1);
-		session_upstream_read(s);
-	}
+	if (s->se_state == SESSION_CLOSING &&
+	    evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+		session_close(s, s->se_failed, s->se_reason);
 }
 
 static void
@@ -1098,7 +1092,6 @@ session_upstream_ready(struct session *s)
 	 * From now on the session writes to the client itself; its write
 	 * event is made the first time the client's socket is full.
 	 */
-	s->se_cdirect = 1;
 	bufferevent_disable(s->se_client, EV_WRITE);
 	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
 		session_close(s, 1, "out of memory");
