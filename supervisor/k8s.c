@@ -198,6 +198,15 @@ meta_str(json_t *o, const char *k)
 	    k));
 }
 
+/* The same for text put into a path or a message: never NULL. */
+static const char *
+meta_text(json_t *o, const char *k)
+{
+	const char	*v = meta_str(o, k);
+
+	return v != NULL ? v : "";
+}
+
 static void
 watch_changed(struct k8s_watch *w)
 {
@@ -676,16 +685,15 @@ k8s_event(json_t *cr, const char *type, const char *reason, const char *msg)
 	json_t	*ev;
 
 	snprintf(path, sizeof(path), "/api/v1/namespaces/%s/events",
-	    meta_str(cr, "namespace"));
+	    meta_text(cr, "namespace"));
 	ev = json_pack("{s:s,s:s,s:{s:s++,s:s},s:{s:s,s:s,s:s,s:s,s:s},"
 	    "s:s,s:s,s:s,s:{s:s},s:s,s:s,s:i}",
 	    "apiVersion", "v1", "kind", "Event",
-	    "metadata", "generateName", meta_str(cr, "name"), ".", "",
-	    "namespace", meta_str(cr, "namespace"),
+	    "metadata", "generateName", meta_text(cr, "name"), ".", "",
+	    "namespace", meta_text(cr, "namespace"),
 	    "involvedObject", "apiVersion", "destination.connectivity.api.sap/v1",
-	    "kind", "Destination", "name", meta_str(cr, "name"),
-	    "namespace", meta_str(cr, "namespace"), "uid", meta_str(cr, "uid") ?
-	    meta_str(cr, "uid") : "",
+	    "kind", "Destination", "name", meta_text(cr, "name"),
+	    "namespace", meta_text(cr, "namespace"), "uid", meta_text(cr, "uid"),
 	    "type", type, "reason", reason, "message", msg,
 	    "source", "component", "tpmail",
 	    "firstTimestamp", now_rfc3339(ts, sizeof(ts)),
@@ -848,7 +856,7 @@ publish_service(struct service *sv, json_t *desired_names)
 	    "labels", k8s_labels(sv), "ownerReferences",
 	    "apiVersion", "destination.connectivity.api.sap/v1",
 	    "kind", "Destination", "name", sv->sv_cr,
-	    "uid", meta_str(cr, "uid") ? meta_str(cr, "uid") : "",
+	    "uid", meta_text(cr, "uid"),
 	    "controller", 1, "blockOwnerDeletion", 1,
 	    "spec", "type", "ExternalName", "externalName", ext,
 	    "ports", "name", "pop3", "port", sv->sv_svc_port,
@@ -883,7 +891,8 @@ cr_status(json_t *cr, json_t *rejected)
 {
 	struct service	*sv;
 	json_t		*r, *tenants = json_array(), *names = json_array();
-	const char	*ns = meta_str(cr, "namespace"), *name = meta_str(cr, "name");
+	const char	*ns = meta_text(cr, "namespace"),
+			*name = meta_text(cr, "name");
 	const char	*reason = NULL, *msg = NULL;
 	char		 buf[1024], ts[64];
 	size_t		 i, off = 0;
@@ -977,8 +986,7 @@ publish_status(json_t *cr)
 	struct write_ctx *wc;
 
 	/* by uid: a CR deleted and created again is a new object */
-	snprintf(key, sizeof(key), "%s", meta_str(cr, "uid") ?
-	    meta_str(cr, "uid") : "");
+	snprintf(key, sizeof(key), "%s", meta_text(cr, "uid"));
 	if (json_object_get(status_inflight, key) != NULL) {
 		json_decref(st);	/* written when the one in flight is done */
 		return;
@@ -999,7 +1007,7 @@ publish_status(json_t *cr)
 		    json_object_get(c, "message")));
 	json_object_set(status_written, key, st);
 	snprintf(path, sizeof(path), CR_PATH "/namespaces/%s/destinations/%s/status",
-	    meta_str(cr, "namespace"), meta_str(cr, "name"));
+	    meta_text(cr, "namespace"), meta_text(cr, "name"));
 	body = json_pack("{s:o}", "status", st);
 	json_object_set_new(status_inflight, key, json_true());
 	k8s_object_key(cr, nsname, sizeof(nsname));
@@ -1048,7 +1056,7 @@ publish_cb(evutil_socket_t fd, short ev, void *arg)
 			continue;
 		json_object_set_new(deleting, key, json_integer(time(NULL)));
 		snprintf(path, sizeof(path), "/api/v1/namespaces/%s/services/%s",
-		    meta_str(o, "namespace"), meta_str(o, "name"));
+		    meta_text(o, "namespace"), meta_text(o, "name"));
 		log_info("kubernetes: deleting Service %s: its tenant service "
 		    "is gone", key);
 		k8s_write("DELETE", path, NULL, NULL, key, "delete Service");

@@ -27,6 +27,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -217,17 +218,35 @@ def last_session_commands(dovecot, user):
     return [l for l in sessions[-1]["in"].split(b"\r\n") if l] if sessions else []
 
 
-def wait_dovecot_idle(dovecot_log, user, timeout=10):
+def wait_dovecot_idle(dovecot_log, user, timeout=10, context=None):
     """Wait until every Dovecot session of ``user`` that began during the
     test has ended (its disconnect is logged), so that the maildir is final.
-    ``dovecot_log``: conftest's fixture (the log since the test began)."""
+    ``dovecot_log``: conftest's fixture (the log since the test began).
+    Sessions are matched by Dovecot's session id; on a timeout the error
+    names the ones still open, with their log lines and the TCP connections
+    to Dovecot that are still there, and what ``context()`` returns."""
+    login = re.compile(r"pop3-login: Info: Login: user=<%s>.*session=<([^>]+)>" % re.escape(user))
+    ended = re.compile(r"pop3\(%s\)<[^>]*><([^>]+)>: Info: (?:Disconnected|Connection closed)"
+                       % re.escape(user))
+    state = {}
+
     def idle():
         log = dovecot_log()
-        opened = len(re.findall(r"pop3-login: Info: Login: user=<%s>" % re.escape(user), log))
-        closed = len(re.findall(r"pop3\(%s\)<[^>]*><[^>]*>: Info: (?:Disconnected|Connection closed)"
-                                % re.escape(user), log))
-        return closed >= opened
-    wait_for(idle, timeout * SLOW, interval=0.1, what="Dovecot sessions of %s to end" % user)
+        state["open"] = set(login.findall(log)) - set(ended.findall(log))
+        state["log"] = log
+        return not state["open"]
+    try:
+        wait_for(idle, timeout * SLOW, interval=0.1, what="Dovecot sessions of %s to end" % user)
+    except TimeoutError as e:
+        lines = [l for l in state["log"].splitlines() if any(i in l for i in state["open"])]
+        try:
+            ss = subprocess.run(["ss", "-tnpo", "state", "established"], capture_output=True,
+                                text=True).stdout
+        except OSError as oe:
+            ss = repr(oe)
+        raise TimeoutError("%s: still open %s\n%s\nTCP connections now:\n%s\n%s" % (
+            e, sorted(state["open"]), "\n".join(lines), ss,
+            context() if context else "")) from None
 
 
 # --------------------------------------------------------------------------
@@ -1063,7 +1082,8 @@ def test_proxy_sigkilled_repeatedly_under_load(spawn, dovecot, dovecot_log, mail
     full_session(pa, box_a)
     for k in kills:
         assert not th.proc_alive(k)
-    wait_dovecot_idle(dovecot_log, "tenant-a-user")
+    wait_dovecot_idle(dovecot_log, "tenant-a-user",
+                      context=lambda: "tenant-a's service: %r" % t.services()["shared-tenant-a"])
     assert dovecot.messages("tenant-a-user") == box_a, "a DELE was committed (seed %d)" % seed
     assert dovecot.messages("tenant-b-user") == mailboxes["tenant-b-user"]
     supervisor_ok(t, pid0)
