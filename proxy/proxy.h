@@ -62,6 +62,7 @@ struct proxy_config {
 	int			 max_buffer;
 	SSL_CTX			*ssl_ctx;	/* built once per config */
 	SSL_SESSION		*ssl_session;	/* newest, to resume the next */
+	int			 login_pipeline; /* learned, see upstream.c */
 };
 
 /* Histogram buckets (seconds), shared by every duration the proxy reports. */

@@ -5,6 +5,14 @@
  * or LOGIN with the destination's credentials.  Entering a state sends its
  * command; upstream_response() interprets the reply by state.  When the
  * login succeeds the session takes over the connection for relaying.
+ *
+ * Round trips are the cost of a session's setup.  Once a server's CAPA
+ * offered PIPELINING and the login used USER/PASS or AUTH PLAIN, the next
+ * sessions of the same configuration send CAPA and the login in one write
+ * (RFC 2449 section 6.6 lets a client pipeline then): greeting, then three
+ * replies at once, instead of four exchanges.  Each session still reads
+ * its CAPA, and one that no longer offers PIPELINING or that mechanism
+ * ends the shortcut for the next.
  * Runs unprivileged in the sandboxed tenant proxy.
  */
 #include <ctype.h>
@@ -14,6 +22,8 @@
 #include <strings.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
@@ -73,6 +83,7 @@ struct upstream {
 	const char		*up_token;	/* the access token for this login */
 	int			 up_addr;	/* index of the address being tried */
 	int			 up_protocol;	/* failed: the server broke POP3 */
+	enum upstream_state	 up_pipelined;	/* login sent with CAPA, or 0 */
 };
 
 static void	upstream_enter_state(struct upstream *, enum upstream_state);
@@ -309,6 +320,77 @@ upstream_choose_login(struct upstream *u)
 	return UP_USER;
 }
 
+/*
+ * May this CAPA carry the login?  Not before STLS: the credentials wait for
+ * TLS.  Only for mechanisms that need no challenge or greeting data.
+ */
+static int
+upstream_may_pipeline(struct upstream *u, enum upstream_state capa)
+{
+	return capa == UP_CAPA_TLS || (u->up_cfg->tls != UPSTREAM_TLS_STARTTLS &&
+	    u->up_cfg->tls != UPSTREAM_TLS_STARTTLS_REQUIRED);
+}
+
+/* What the next sessions learn from this CAPA and the login it chose. */
+static void
+upstream_learn_pipeline(struct upstream *u, enum upstream_state capa,
+    enum upstream_state login)
+{
+	u->up_cfg->login_pipeline = (u->up_pipelining &&
+	    upstream_may_pipeline(u, capa) &&
+	    (login == UP_USER || login == UP_AUTH_PLAIN)) ? (int)login : 0;
+}
+
+/* CAPA and the login, one write; the secret part is wiped once sent. */
+static void
+upstream_send_capa_login(struct upstream *u, enum upstream_state login)
+{
+	const char	*user = u->up_cfg->user, *pass = u->up_cfg->password;
+	size_t		 ul = strlen(user), pl = strlen(pass), n;
+	char		*line, *msg, *b = NULL;
+
+	if (login == UP_AUTH_PLAIN) {
+		/* authzid empty, authcid, password (RFC 4616) */
+		if ((msg = malloc(ul + pl + 2)) == NULL)
+			goto oom;
+		msg[0] = '\0';
+		memcpy(msg + 1, user, ul);
+		msg[ul + 1] = '\0';
+		memcpy(msg + ul + 2, pass, pl);
+		b = base64(msg, ul + pl + 2);
+		secret_wipe(msg, ul + pl + 2);
+		free(msg);
+		if (b == NULL)
+			goto oom;
+		n = strlen(b) + 24;
+	} else
+		n = ul + pl + 24;
+	if ((line = malloc(n)) == NULL) {
+		if (b != NULL)
+			secret_free(b);
+		goto oom;
+	}
+	if (login == UP_AUTH_PLAIN) {
+		n = snprintf(line, n, "CAPA\r\nAUTH PLAIN %s\r\n", b);
+		secret_free(b);
+	} else
+		n = snprintf(line, n, "CAPA\r\nUSER %s\r\nPASS %s\r\n", user,
+		    pass);
+	u->up_pipelined = login;
+	upstream_send_secret(u, line, n);
+	/*
+	 * The replies now come with nothing sent back in between: have them
+	 * acknowledged at once.  A server that leaves Nagle's algorithm on
+	 * (Dovecot does) holds each reply after the first until that one is
+	 * acknowledged, and a delayed ACK takes 40 ms.
+	 */
+	(void)setsockopt(bufferevent_getfd(u->up_bev), IPPROTO_TCP,
+	    TCP_QUICKACK, &(int){ 1 }, sizeof(int));
+	return;
+oom:
+	upstream_fail(u, "SYS/TEMP", "out of memory");
+}
+
 static void
 upstream_start_tls(struct upstream *u, enum upstream_state next)
 {
@@ -357,7 +439,12 @@ upstream_enter_state(struct upstream *u, enum upstream_state st)
 		u->up_has_capa = u->up_user = u->up_stls = 0;
 		u->up_sasl_plain = u->up_sasl_login = u->up_pipelining = 0;
 		u->up_sasl_xoauth2 = u->up_sasl_oauthbearer = 0;
-		upstream_sendf(u, "CAPA\r\n", NULL);
+		if (u->up_cfg->login_pipeline != 0 &&
+		    upstream_may_pipeline(u, st))
+			upstream_send_capa_login(u,
+			    (enum upstream_state)u->up_cfg->login_pipeline);
+		else
+			upstream_sendf(u, "CAPA\r\n", NULL);
 		break;
 	case UP_STLS:
 		upstream_sendf(u, "STLS\r\n", NULL);
@@ -547,6 +634,20 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 				return;
 			}
 		}
+		if (u->up_pipelined) {
+			/* the login went out with CAPA: await its replies */
+			if (upstream_choose_login(u) != u->up_pipelined ||
+			    !u->up_pipelining)
+				u->up_cfg->login_pipeline = 0;
+			log_debug("session=%lu upstream %s -> %s (pipelined)",
+			    session_id(u->up_session),
+			    upstream_strstate(u->up_state),
+			    upstream_strstate(u->up_pipelined));
+			u->up_state = u->up_pipelined;
+			break;
+		}
+		upstream_learn_pipeline(u, u->up_state,
+		    upstream_choose_login(u));
 		upstream_enter_state(u, UP_LOGIN);
 		break;
 	case UP_STLS:
@@ -576,7 +677,10 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 			upstream_login_rejected(u, line, len);
 			return;
 		}
-		upstream_enter_state(u, UP_PASS);
+		if (u->up_pipelined)
+			u->up_state = UP_PASS;	/* sent already */
+		else
+			upstream_enter_state(u, UP_PASS);
 		break;
 	case UP_PASS:
 	case UP_APOP:
