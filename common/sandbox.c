@@ -72,7 +72,7 @@ sandbox_close_fds(const int *keep, int nkeep)
 }
 
 void
-sandbox_preload(void)
+sandbox_preload(int tls)
 {
 	unsigned char	b[16];
 	time_t		t = 0;
@@ -82,11 +82,21 @@ sandbox_preload(void)
 	tzset();
 	localtime_r(&t, &tm);
 	gmtime_r(&t, &tm);
-	if (OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS |
-	    OPENSSL_INIT_LOAD_CRYPTO_STRINGS, NULL) != 1)
+	/*
+	 * What reads files (the configuration, the providers) happens now.
+	 * Not the error strings: their tables cost every tenant about 100 KiB
+	 * of heap, they are in memory, and SSL_CTX_new loads them for the
+	 * tenants that use TLS, sandbox or not.
+	 */
+	if (OPENSSL_init_ssl(0, NULL) != 1)
 		fatalx("OpenSSL initialisation failed");
-	/* seed the DRBG now: getrandom stays allowed, /dev/urandom would not */
-	if (RAND_bytes(b, sizeof(b)) != 1)
+	/*
+	 * Seed the DRBG now, where TLS is to come.  Its first use fetches
+	 * and sets up the provider's algorithms, about 180 KiB of heap that
+	 * a plain tenant never needs.  A plain tenant switched to TLS later
+	 * seeds it in the sandbox, from getrandom, which the filter allows.
+	 */
+	if (tls && RAND_bytes(b, sizeof(b)) != 1)
 		fatalx("RAND_bytes failed");
 }
 

@@ -25,8 +25,12 @@ struct sandbox_policy {
 void	 sandbox_early(void);
 /* Close every fd but stdin/out/err and the ones listed (-1 ends the list). */
 void	 sandbox_close_fds(const int *keep, int nkeep);
-/* Load what must be loaded while files are still reachable. */
-void	 sandbox_preload(void);
+/*
+ * Load what must be loaded while files are still reachable.  tls: the
+ * process starts with TLS work to do, so the random generator is seeded
+ * now too (see sandbox.c).
+ */
+void	 sandbox_preload(int tls);
 /*
  * Apply every step; returns the report object (uid, gid, chroot,
  * no_new_privs, caps_cleared, seccomp, dumpable, missing[]).  Fatal on any

@@ -486,7 +486,7 @@ main(int argc, char *argv[])
 	keep[0] = proxy->chan;
 	keep[1] = lfd;
 	sandbox_close_fds(keep, 2);
-	sandbox_preload();
+	sandbox_preload(proxy->cfg->tls != UPSTREAM_TLS_NONE);
 
 	if ((ecfg = event_config_new()) == NULL)
 		fatalx("event_config_new");

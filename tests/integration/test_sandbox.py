@@ -853,3 +853,40 @@ def test_sigterm_leaves_no_proxy(mode_factory, mailboxes):
     for p in ports:
         assert not th.port_open(p), "port %d still open" % p
     assert "SIGSYS" not in t.log_text()
+
+
+def test_plain_tenant_switched_to_tls_in_the_sandbox(tpmaild_factory, dovecot, dovecot_log,
+                                                     mailboxes):
+    """A proxy that started with a plain upstream sets up no TLS before its
+    sandbox (it does not need it, and that saves memory in every plain
+    tenant).  Switched to POP3S while it runs, it builds its TLS context and
+    seeds OpenSSL's random generator inside the sandbox: the same process
+    then logs in over TLS, under the filter as shipped (a forbidden call
+    would kill it in a release build)."""
+    dests = th.standard_destinations(dovecot)
+    t = tpmaild_factory(crs={"mail.yaml": th.cr("mail", "dest-a")}, destinations=dests,
+                        expect=["mail"])
+    pid = t.services()["mail"]["pid"]
+    with Pop3(t.port("mail")) as c:
+        assert c.greeting.startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK")
+    dests["provider"][0] = th.pop3_dest(
+        "dest-a", "alice", dovecot.users["alice"], dovecot.pop3s_port, protocol="pop3s",
+        extra={"mail.pop3s.ssl.cafile": dovecot.ca_file})
+    t.write_destinations(dests)
+    login = re.compile(r"pop3-login: Info: Login: user=<alice>, method=PLAIN, (.*)")
+
+    def over_tls():
+        with Pop3(t.port("mail")) as c:
+            if not c.greeting.startswith(b"+OK"):
+                return False
+            st, raw = c.cmd_multi("RETR 1")
+            assert st.startswith(b"+OK"), st
+            assert multiline_body(raw) == mailboxes["alice"][0]
+            c.cmd("QUIT")
+        return any("TLS" in m for m in login.findall(dovecot_log()))
+    wait_for(over_tls, START_TIMEOUT, interval=0.3, what="a session over TLS after the switch")
+    s = t.services()["mail"]
+    assert s["pid"] == pid and s["restarts"] == 0, s
+    assert th.proc_alive(pid)
+    assert "SIGSYS" not in t.log_text()
