@@ -108,13 +108,14 @@ config_addresses(struct proxy_config *c, json_t *arr, int port)
 }
 
 struct proxy_config *
-config_parse(json_t *body, const char *ca, size_t calen, const char **err)
+config_parse(json_t *body, struct trust *trust, const char **err)
 {
 	struct proxy_config	*c;
 	json_t			*up, *auth, *lim, *socks;
 	int			 v;
 
 	if ((c = calloc(1, sizeof(*c))) == NULL) {
+		trust_free(trust);
 		*err = "out of memory";
 		return NULL;
 	}
@@ -183,9 +184,12 @@ config_parse(json_t *body, const char *ca, size_t calen, const char **err)
 	    get_int(lim, "max_buffer", PARAM_MAX_BUFFER, 4096, 1 << 30,
 	    &c->max_buffer))
 		*err = "limits invalid";
-	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE &&
-	    (c->ssl_ctx = tls_ctx_new(ca, calen, err)) != NULL)
-		tls_ctx_bind(c->ssl_ctx, c);
+	/* the trust is the context's now, or freed */
+	if (*err == NULL && c->tls != UPSTREAM_TLS_NONE) {
+		if ((c->ssl_ctx = tls_ctx_new(trust, err)) != NULL)
+			tls_ctx_bind(c->ssl_ctx, c);
+	} else
+		trust_free(trust);
 	if (*err != NULL) {
 		config_unref(c);
 		return NULL;

@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -32,8 +34,7 @@
 struct proxy	*proxy;
 
 /* A trust store passed with MSG_CA, for the configuration that follows. */
-static char	*pending_ca;
-static size_t	 pending_ca_len;
+static struct trust	*pending_trust;
 
 static void
 proxy_send(int type, json_t *body)
@@ -201,19 +202,39 @@ proxy_apply_log_level(json_t *body)
 		log_set_level(l);
 }
 
-/* Read a passed trust store (a file or memfd) whole; fatal if unreadable. */
+/*
+ * A passed trust store.  The supervisor seals the memory file it passes
+ * against shrinking: such a one is mapped, its pages shared with every
+ * proxy given the same bundle, and cannot be cut under us (a mapping of a
+ * file that shrinks faults).  Anything else is read whole.  Fatal if
+ * unreadable.
+ */
 static void
 proxy_take_ca(int fd)
 {
-	char	*buf = NULL, *nb;
-	size_t	 len = 0, cap = 0;
-	ssize_t	 n;
+	struct stat	 st;
+	char		*buf = NULL, *nb;
+	size_t		 len = 0, cap = 0;
+	ssize_t		 n;
+	int		 seals;
 
-	free(pending_ca);
+	trust_free(pending_trust);
+	pending_trust = NULL;
+	seals = fcntl(fd, F_GET_SEALS);
+	if (seals != -1 && (seals & F_SEAL_SHRINK) && fstat(fd, &st) == 0 &&
+	    st.st_size > 0 && st.st_size <= PARAM_MAX_CA &&
+	    (buf = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, fd, 0)) !=
+	    MAP_FAILED) {
+		close(fd);
+		if ((pending_trust = trust_new(buf, st.st_size, 1)) == NULL)
+			fatalx("out of memory for the CA store");
+		return;
+	}
+	buf = NULL;
 	for (;;) {
 		if (len + 65536 > cap) {
 			cap = cap ? cap * 2 : 262144;
-			if (cap > 16 * 1024 * 1024 || (nb = realloc(buf, cap)) == NULL)
+			if (cap > PARAM_MAX_CA || (nb = realloc(buf, cap)) == NULL)
 				fatalx("CA store too large");
 			buf = nb;
 		}
@@ -227,8 +248,8 @@ proxy_take_ca(int fd)
 		len += n;
 	}
 	close(fd);
-	pending_ca = buf;
-	pending_ca_len = len;
+	if ((pending_trust = trust_new(buf, len, 0)) == NULL)
+		fatalx("out of memory for the CA store");
 }
 
 static struct proxy_config *
@@ -237,10 +258,8 @@ proxy_config_from(json_t *body, const char *what)
 	struct proxy_config	*c;
 	const char		*err;
 
-	c = config_parse(body, pending_ca, pending_ca_len, &err);
-	free(pending_ca);
-	pending_ca = NULL;
-	pending_ca_len = 0;
+	c = config_parse(body, pending_trust, &err);
+	pending_trust = NULL;	/* the configuration's now */
 	if (c == NULL)
 		fatalx("bad %s from the supervisor: %s", what, err);
 	return c;

@@ -38,5 +38,7 @@
 #define PARAM_DRAIN_GRACE	30
 /* Milliseconds between two counter reports to tpmaild, at most one each. */
 #define PARAM_STATS_INTERVAL_MS	100
+/* Bytes of a CA bundle a proxy takes (the system's is about 220 KB). */
+#define PARAM_MAX_CA		(16 * 1024 * 1024)
 
 #endif

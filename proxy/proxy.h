@@ -13,6 +13,7 @@
 
 #include "accept_pause.h"
 #include "pop3_parse.h"
+#include "trust.h"
 
 enum upstream_tls {
 	UPSTREAM_TLS_NONE,
@@ -121,7 +122,7 @@ struct proxy {
 extern struct proxy	*proxy;
 
 /* config.c */
-struct proxy_config	*config_parse(json_t *, const char *ca, size_t calen,
+struct proxy_config	*config_parse(json_t *, struct trust *,
 			    const char **);
 void			 config_ref(struct proxy_config *);
 void			 config_unref(struct proxy_config *);
@@ -172,7 +173,7 @@ void		 upstream_login_done(struct upstream *);
 void		 upstream_free(struct upstream *);
 
 /* tls.c */
-SSL_CTX	*tls_ctx_new(const char *ca, size_t calen, const char **err);
+SSL_CTX	*tls_ctx_new(struct trust *, const char **err);
 SSL	*tls_ssl_new(struct proxy_config *);
 void	 tls_ctx_bind(SSL_CTX *, struct proxy_config *);
 const char *tls_error_string(struct bufferevent *, const char **);

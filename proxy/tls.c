@@ -1,8 +1,8 @@
 /*
  * tls.c: the tenant proxy's TLS client toward the mail server.  One SSL_CTX
  * per configuration, built once; the trust store is the destination's CA
- * file, or the system's hashed CA directory, which OpenSSL reads lazily per
- * lookup instead of parsing the whole bundle at start.  Peer certificates
+ * file, or the system's bundle, read lazily per lookup (trust.c) instead
+ * of parsed whole at start.  Peer certificates
  * are always verified and the host name checked unless the destination
  * turns that off explicitly.
  */
@@ -11,7 +11,6 @@
 #include <arpa/inet.h>
 #include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
-#include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
 #include "log.h"
@@ -45,42 +44,36 @@ tls_ctx_bind(SSL_CTX *ctx, struct proxy_config *c)
 }
 
 /*
- * The trust store arrives as PEM bytes: the sandboxed proxy cannot open
- * files, so the supervisor passes the destination's CA file (or the
- * system bundle) as an open descriptor, read before use.
+ * The trust store arrives as a CA bundle the supervisor passed (the proxy
+ * cannot open files); trust.c reads its certificates when a chain needs
+ * them.  The context owns the trust from here on, also on failure.
  */
 SSL_CTX *
-tls_ctx_new(const char *ca, size_t calen, const char **err)
+tls_ctx_new(struct trust *trust, const char **err)
 {
 	SSL_CTX		*ctx;
-	X509_STORE	*store;
-	X509		*x;
-	BIO		*bio;
-	int		 n = 0;
 
+	if (trust == NULL) {
+		*err = "no CA certificates to verify the mail server with";
+		return NULL;
+	}
+	if (trust_count(trust) == 0) {
+		trust_free(trust);
+		*err = "the CA file holds no certificate";
+		return NULL;
+	}
 	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL) {
+		trust_free(trust);
 		*err = "cannot create TLS context";
 		return NULL;
 	}
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
-	store = SSL_CTX_get_cert_store(ctx);
-	if (ca == NULL || (bio = BIO_new_mem_buf(ca, calen)) == NULL) {
-		*err = "no CA certificates to verify the mail server with";
+	if (trust_attach(trust, SSL_CTX_get_cert_store(ctx)) == -1) {
+		trust_free(trust);
 		SSL_CTX_free(ctx);
-		return NULL;
-	}
-	while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
-		if (X509_STORE_add_cert(store, x) == 1)
-			n++;
-		X509_free(x);
-	}
-	BIO_free(bio);
-	ERR_clear_error();	/* the end of the PEM stream reads as an error */
-	if (n == 0) {
-		*err = "the CA file holds no certificate";
-		SSL_CTX_free(ctx);
+		*err = "cannot set up the trust store";
 		return NULL;
 	}
 	return ctx;

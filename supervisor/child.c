@@ -144,7 +144,10 @@ service_send(struct service *sv, int type, json_t *body, int fd)
 	return 0;
 }
 
-/* Pass the trust store as an open descriptor: the proxy cannot open files. */
+/*
+ * Pass the trust store as an open descriptor: the proxy cannot open files.
+ * A sealed copy shared by every proxy that trusts the same file (cashare.c).
+ */
 static int
 service_send_ca(struct service *sv)
 {
@@ -153,7 +156,7 @@ service_send_ca(struct service *sv)
 
 	if (sv->sv_ca == NULL)
 		return 0;
-	if ((fd = open(sv->sv_ca, O_RDONLY | O_CLOEXEC)) == -1) {
+	if ((fd = cashare_open(sv->sv_ca)) == -1) {
 		service_set_error(sv, "cannot open CA file %s: %s", sv->sv_ca,
 		    strerror(errno));
 		return -1;

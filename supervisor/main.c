@@ -282,5 +282,6 @@ main(int argc, char *argv[])
 	json_decref(sup->rejected);
 	json_decref(sup->destinations);
 	json_decref(sup->ports);
+	cashare_clear();
 	return 0;
 }

@@ -227,6 +227,10 @@ int	 services_port_in_use(int);
 void	 service_note_error(struct service *, const char *);
 void	 services_set_log_level(int);
 
+/* cashare.c: a CA file as a sealed memory file the proxies share */
+int	 cashare_open(const char *path);
+void	 cashare_clear(void);
+
 /* ports.c */
 void	 ports_load(void);
 int	 ports_bind(struct service *);

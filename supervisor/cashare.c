@@ -1,0 +1,155 @@
+/*
+ * cashare.c: CA files handed to the proxies as sealed memory files.  A
+ * proxy maps what it is given (proxy/trust.c), so every proxy given the
+ * same file shares one copy of its pages: 200 tenants trusting the system
+ * bundle hold it once, not 200 times.  The copy is sealed against any
+ * change, so no proxy's mapping can be cut or rewritten under it, as a
+ * mapping of the CA file itself could be by an edit in place.  A copy is
+ * made per version of a file (its inode, size and modification time) and
+ * kept while it is the newest; proxies keep the old one mapped until their
+ * configuration changes.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "supervisor.h"
+
+#define CASHARE_MAX		64		/* files remembered */
+#define CASHARE_MAX_SIZE	(16 * 1024 * 1024)
+
+struct cashare {
+	char		*cs_path;
+	dev_t		 cs_dev;
+	ino_t		 cs_ino;
+	off_t		 cs_size;
+	struct timespec	 cs_mtime;
+	int		 cs_fd;		/* the sealed copy */
+	unsigned long	 cs_used;	/* for eviction: last use */
+};
+
+static struct cashare	cache[CASHARE_MAX];
+static unsigned long	uses;
+
+static int
+cashare_same(const struct cashare *c, const struct stat *st)
+{
+	return c->cs_dev == st->st_dev && c->cs_ino == st->st_ino &&
+	    c->cs_size == st->st_size &&
+	    c->cs_mtime.tv_sec == st->st_mtim.tv_sec &&
+	    c->cs_mtime.tv_nsec == st->st_mtim.tv_nsec;
+}
+
+/* A sealed copy of what fd holds (size bytes); -1 with errno. */
+static int
+cashare_copy(int fd, off_t size)
+{
+	char	 buf[65536];
+	ssize_t	 n, w;
+	off_t	 total = 0;
+	int	 mfd, e;
+
+	if ((mfd = memfd_create("tpmail-ca", MFD_CLOEXEC |
+	    MFD_ALLOW_SEALING)) == -1)
+		return -1;
+	while ((n = read(fd, buf, sizeof(buf))) != 0) {
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (n == -1 || (total += n) > CASHARE_MAX_SIZE)
+			goto fail;
+		for (w = 0; w < n; ) {
+			ssize_t r = write(mfd, buf + w, n - w);
+
+			if (r == -1 && errno == EINTR)
+				continue;
+			if (r == -1)
+				goto fail;
+			w += r;
+		}
+	}
+	if (total != size)		/* changed while we read: take it next time */
+		log_debug("CA file changed while copied (%lld of %lld bytes)",
+		    (long long)total, (long long)size);
+	if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
+	    F_SEAL_WRITE | F_SEAL_SEAL) == -1)
+		goto fail;
+	return mfd;
+fail:
+	e = errno ? errno : EFBIG;
+	close(mfd);
+	errno = e;
+	return -1;
+}
+
+int
+cashare_open(const char *path)
+{
+	struct cashare	*c, *slot = NULL;
+	struct stat	 st;
+	int		 fd, mfd, i;
+
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+		return -1;
+	if (fstat(fd, &st) == -1 || !S_ISREG(st.st_mode)) {
+		/* not a plain file (a pipe, a device): pass it as it is */
+		return fd;
+	}
+	for (i = 0; i < CASHARE_MAX; i++) {
+		c = &cache[i];
+		if (c->cs_path != NULL && strcmp(c->cs_path, path) == 0) {
+			slot = c;
+			break;
+		}
+		if (slot == NULL || (slot->cs_path != NULL &&
+		    (c->cs_path == NULL || c->cs_used < slot->cs_used)))
+			slot = c;
+	}
+	if (slot->cs_path != NULL && strcmp(slot->cs_path, path) == 0 &&
+	    cashare_same(slot, &st)) {
+		close(fd);
+		slot->cs_used = ++uses;
+		return fcntl(slot->cs_fd, F_DUPFD_CLOEXEC, 0);
+	}
+	if ((mfd = cashare_copy(fd, st.st_size)) == -1) {
+		/* no memory file: the proxy reads the file itself */
+		log_warn("CA file %s: cannot make a shared copy", path);
+		if (lseek(fd, 0, SEEK_SET) == -1) {
+			close(fd);
+			return -1;
+		}
+		return fd;
+	}
+	close(fd);
+	if (slot->cs_path != NULL) {
+		free(slot->cs_path);
+		close(slot->cs_fd);
+	}
+	*slot = (struct cashare){ strdup(path), st.st_dev, st.st_ino,
+	    st.st_size, st.st_mtim, mfd, ++uses };
+	if (slot->cs_path == NULL) {
+		close(mfd);
+		slot->cs_fd = -1;
+		errno = ENOMEM;
+		return -1;
+	}
+	return fcntl(mfd, F_DUPFD_CLOEXEC, 0);
+}
+
+void
+cashare_clear(void)
+{
+	int	i;
+
+	for (i = 0; i < CASHARE_MAX; i++) {
+		if (cache[i].cs_path == NULL)
+			continue;
+		free(cache[i].cs_path);
+		close(cache[i].cs_fd);
+		cache[i].cs_path = NULL;
+	}
+}
