@@ -218,6 +218,8 @@ config_unref(struct proxy_config *c)
 	secret_vault_free(c->socks_jwt);
 	free(c->socks_location);
 	free(c->exchange);
+	free(c->capa_raw);
+	free(c->capa_reply);
 	if (c->ssl_session != NULL)
 		SSL_SESSION_free(c->ssl_session);
 	if (c->ssl_ctx != NULL)

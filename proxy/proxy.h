@@ -64,6 +64,8 @@ struct proxy_config {
 	SSL_CTX			*ssl_ctx;	/* built once per config */
 	SSL_SESSION		*ssl_session;	/* newest, to resume the next */
 	int			 login_pipeline; /* learned, see upstream.c */
+	char			*capa_raw;	/* the server's CAPA lines, */
+	char			*capa_reply;	/* and our answer, see session.c */
 };
 
 /* Histogram buckets (seconds), shared by every duration the proxy reports. */

@@ -84,7 +84,8 @@ struct session {
 	int			 se_exchanged;	/* logged in with an exchanged token */
 	char			*se_token;	/* that token, wiped on free */
 	char			*se_reason;	/* owned: callers' strings are transient */
-	char			*se_capa;
+	const char		*se_capa;	/* the CAPA reply: the config's, */
+	char			*se_capa_own;	/* or this, when the server's differs */
 	struct timeval		 se_start;
 	unsigned long		 se_commands;
 	unsigned long		 se_bytes_up;	/* upstream -> client */
@@ -1056,6 +1057,28 @@ session_exchanged(unsigned long id, const char *token, const char *error,
 }
 
 /* The upstream login succeeded: greet the client and start relaying. */
+/*
+ * The answer to the client's CAPA, from the server's.  Every session of a
+ * configuration shares one (an idle session holds less): the first
+ * session's server CAPA makes it, and only a session whose server answered
+ * differently (an upgrade in between) builds its own.
+ */
+static const char *
+session_capa(struct session *s)
+{
+	struct proxy_config	*c = s->se_cfg;
+	const char		*raw = upstream_capa(s->se_up);
+
+	if (c->capa_reply == NULL && (c->capa_raw = strdup(raw)) != NULL &&
+	    (c->capa_reply = pop3_capa_build(raw)) == NULL) {
+		free(c->capa_raw);
+		c->capa_raw = NULL;
+	}
+	if (c->capa_reply != NULL && strcmp(c->capa_raw, raw) == 0)
+		return c->capa_reply;
+	return s->se_capa_own = pop3_capa_build(raw);
+}
+
 void
 session_upstream_ready(struct session *s)
 {
@@ -1093,7 +1116,7 @@ session_upstream_ready(struct session *s)
 	 * event is made the first time the client's socket is full.
 	 */
 	bufferevent_disable(s->se_client, EV_WRITE);
-	if ((s->se_capa = pop3_capa_build(upstream_capa(s->se_up))) == NULL) {
+	if ((s->se_capa = session_capa(s)) == NULL) {
 		session_close(s, 1, "out of memory");
 		return;
 	}
@@ -1170,7 +1193,7 @@ session_free_cb(evutil_socket_t fd, short ev, void *arg)
 	upstream_free(s->se_up);
 	bufferevent_free(s->se_client);
 	config_unref(s->se_cfg);
-	free(s->se_capa);
+	free(s->se_capa_own);
 	free(s->se_reason);
 	secret_free(s->se_token);
 	free(s);

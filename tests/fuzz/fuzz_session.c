@@ -928,6 +928,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		free(H.recs[r].reply);
 	}
 	free(H.got);
+	/* what the session left in the configuration (the shared CAPA) */
+	free(cfg.capa_raw);
+	free(cfg.capa_reply);
 	/* bufferevents are finalized on the loop's next turn */
 	for (r = 0; r < 4; r++)
 		event_base_loop(proxy->base, EVLOOP_NONBLOCK);

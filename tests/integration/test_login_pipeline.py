@@ -12,7 +12,9 @@ server answered the command in front of it, and check:
   again from the next session on;
 * with STLS, no credential is ever sent before TLS: only the CAPA after the
   handshake carries the login;
-* a rejected pipelined login fails cleanly with -ERR [AUTH].
+* a rejected pipelined login fails cleanly with -ERR [AUTH];
+* the answer to a client's CAPA (shared by the sessions of a tenant) still
+  follows a server whose CAPA changed between sessions.
 """
 
 import select
@@ -135,6 +137,7 @@ def servers(bins, dovecot, dovecot_cert, tmp_path_factory):
         "nopipe": Server([b"USER", b"UIDL"]),
         "stls": Server([b"STLS", b"USER", b"PIPELINING"], tls=dovecot_cert),
         "rejected": Server([b"USER", b"PIPELINING"], pass_reply=b"-ERR [AUTH] no\r\n"),
+        "capa": Server([b"USER", b"PIPELINING", b"TOP", b"UIDL"]),
     }
     extra = {"stls": dict(starttls_enable="true", starttls_required="true",
                           extra={"mail.pop3.ssl.cafile": dovecot.ca_file})}
@@ -222,3 +225,27 @@ def test_rejected_pipelined_login(servers):
     assert not pipelined(sv.login_of(0))
     # learned from the first CAPA even though its login failed
     assert pipelined(sv.login_of(1)) and pipelined(sv.login_of(2))
+
+
+def client_capa(t, name):
+    c = Pop3(t.port("pl-" + name), timeout=20)
+    try:
+        assert c.greeting.startswith(b"+OK"), c.greeting
+        st, raw = c.cmd_multi("CAPA")
+        assert st.startswith(b"+OK"), st
+        assert c.cmd("QUIT").startswith(b"+OK")
+        return raw.split(b"\r\n")
+    finally:
+        c.close()
+
+
+def test_client_capa_follows_the_server(servers):
+    sv = servers.servers["capa"]
+    first = client_capa(servers, "capa")
+    assert b"TOP" in first and b"UIDL" in first, first
+    assert client_capa(servers, "capa") == first          # the shared answer
+    sv.capa = [b"USER", b"PIPELINING", b"UIDL", b"EXPIRE 30"]
+    changed = client_capa(servers, "capa")
+    assert b"TOP" not in changed and b"EXPIRE 30" in changed, changed
+    sv.capa = [b"USER", b"PIPELINING", b"TOP", b"UIDL"]
+    assert client_capa(servers, "capa") == first
