@@ -235,6 +235,25 @@ cr_parse(json_t *doc, const char *source, json_t *rej)
 		    "spec.fragmentRef.level is allowed only with spec.fragmentRef.name");
 		return NULL;
 	}
+	if (frag != NULL && (v = json_object_get(frag, "name")) != NULL &&
+	    (!json_is_string(v) || json_string_value(v)[0] == '\0')) {
+		reject(rej, ns, name, source, REASON_INVALID,
+		    "spec.fragmentRef.name must be a non-empty string");
+		return NULL;
+	}
+	if (frag != NULL && (v = json_object_get(frag, "level")) != NULL &&
+	    !IN_LIST(json_string_value(v), levels)) {
+		reject(rej, ns, name, source, REASON_INVALID,
+		    "spec.fragmentRef.level must be one of subaccount, "
+		    "instance, provider_subaccount, provider_instance");
+		return NULL;
+	}
+	if (frag != NULL && (v = json_object_get(frag, "optional")) != NULL &&
+	    !json_is_boolean(v)) {
+		reject(rej, ns, name, source, REASON_INVALID,
+		    "spec.fragmentRef.optional must be true or false");
+		return NULL;
+	}
 	if (strcmp(dest, "*") == 0) {
 		if (frag != NULL)
 			reject(rej, ns, name, source, REASON_FRAGMENT,
@@ -309,6 +328,12 @@ cr_parse(json_t *doc, const char *source, json_t *rej)
 	cr->cr_instance = v ? strdup(json_string_value(v)) : NULL;
 	cr->cr_port = (int)port;
 	cr->cr_tenants = tenants;
+	v = json_object_get(ref, "level");
+	cr->cr_level = v ? strdup(json_string_value(v)) : NULL;
+	v = json_object_get(frag, "name");
+	cr->cr_fragment = v ? strdup(json_string_value(v)) : NULL;
+	cr->cr_fragment_optional = json_is_true(json_object_get(frag,
+	    "optional"));
 	v = json_object_get(json_object_get(meta, "annotations"),
 	    TPMAIL_ANNOTATION_RESTART);
 	cr->cr_restart = json_is_string(v) ? strdup(json_string_value(v)) : NULL;
@@ -325,6 +350,8 @@ cr_free(struct cr *cr)
 	free(cr->cr_name);
 	free(cr->cr_dest);
 	free(cr->cr_instance);
+	free(cr->cr_level);
+	free(cr->cr_fragment);
 	json_decref(cr->cr_tenants);
 	free(cr->cr_source);
 	free(cr->cr_restart);

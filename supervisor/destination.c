@@ -24,6 +24,7 @@
 #include "yaml_json.h"
 
 #define R_NOTFOUND	"ConfigurationError-ReferencedDestination-NotFound"
+#define R_FRAGMENT	"ConfigurationError-ReferencedFragment-NotFound"
 #define R_TYPE		"ConfigurationError-ReferencedDestination-TypeNotSupported"
 #define R_PROXYTYPE	"ConfigurationError-ReferencedDestination-ProxyTypeNotSupported"
 #define R_LOOPBACK	"ConfigurationError-ReferencedDestination-LoopbackUrlNotSupported"
@@ -79,10 +80,13 @@ destinations_load(const char *path, char *err, size_t errsz)
 			goto bad;
 		}
 		json_array_foreach(arr, i, d) {
+			/* a destination has a Name, a fragment a FragmentName */
 			if (!json_is_object(d) ||
-			    !json_is_string(json_object_get(d, "Name"))) {
+			    json_is_string(json_object_get(d, "Name")) ==
+			    json_is_string(json_object_get(d, "FragmentName"))) {
 				snprintf(err, errsz, "\"%s\"[%zu] must be a "
-				    "destination object with a Name", tenant, i);
+				    "destination object with a Name, or a "
+				    "fragment with a FragmentName", tenant, i);
 				goto bad;
 			}
 			json_object_foreach(d, key, v) {
@@ -161,9 +165,44 @@ destination_find(json_t *dests, const char *tenant, const char *name)
 
 	arr = json_object_get(dests, tenant);
 	json_array_foreach(arr, i, v)
-		if (strcmp(json_string_value(json_object_get(v, "Name")), name) == 0)
+		if (json_string_value(json_object_get(v, "Name")) != NULL &&
+		    strcmp(json_string_value(json_object_get(v, "Name")),
+		    name) == 0)
 			d = v;
 	return d;
+}
+
+/* Fragment `name` of `tenant` in the destinations file, or NULL. */
+static json_t *
+fragment_find(json_t *dests, const char *tenant, const char *name)
+{
+	json_t		*v, *d = NULL;
+	const char	*f;
+	size_t		 i;
+
+	json_array_foreach(json_object_get(dests, tenant), i, v)
+		if ((f = json_string_value(json_object_get(v, "FragmentName"))) !=
+		    NULL && strcmp(f, name) == 0)
+			d = v;
+	return d;
+}
+
+/*
+ * A destination extended with a fragment, as the Destination service
+ * merges them: the fragment's properties win, its FragmentName is not one.
+ */
+static json_t *
+fragment_merge(json_t *d, json_t *frag)
+{
+	json_t		*out = json_deep_copy(d), *v;
+	const char	*key;
+
+	if (out == NULL)
+		return NULL;
+	json_object_foreach(frag, key, v)
+		if (strcmp(key, "FragmentName") != 0)
+			json_object_set(out, key, v);
+	return out;
 }
 
 /*
@@ -172,14 +211,27 @@ destination_find(json_t *dests, const char *tenant, const char *name)
  */
 json_t *
 destination_resolve(json_t *dests, const char *tenant, const char *name,
-    const struct settings *st, const char **reason, char *msg, size_t msgsz)
+    const char *fragment, int fragment_optional, const struct settings *st,
+    const char **reason, char *msg, size_t msgsz)
 {
-	json_t	*d = destination_find(dests, tenant, name);
+	json_t	*d = destination_find(dests, tenant, name), *f = NULL, *merged, *out;
 
 	if (d == NULL)
 		FAIL(R_NOTFOUND, "Technical connectivity is not configured. "
 		    "Destination \"%s\" not found for tenant \"%s\"", name, tenant);
-	return destination_translate(d, NULL, NULL, st, reason, msg, msgsz);
+	if (fragment == NULL || ((f = fragment_find(dests, tenant, fragment)) ==
+	    NULL && fragment_optional))
+		return destination_translate(d, NULL, NULL, st, reason, msg,
+		    msgsz);
+	if (f == NULL)
+		FAIL(R_FRAGMENT, "Technical connectivity is not configured. "
+		    "Fragment \"%s\" not found for tenant \"%s\"", fragment,
+		    tenant);
+	if ((merged = fragment_merge(d, f)) == NULL)
+		FAIL(R_PROPERTY, "out of memory");
+	out = destination_translate(merged, NULL, NULL, st, reason, msg, msgsz);
+	json_decref(merged);
+	return out;
 }
 
 /*

@@ -54,6 +54,9 @@ struct dentry {
 	char			*de_instance;
 	char			*de_tenant;
 	char			*de_name;
+	char			*de_level;	/* destinationRef.level, or NULL */
+	char			*de_fragment;	/* fragmentRef.name, or NULL */
+	int			 de_fragment_optional;
 	json_t			*de_result;	/* last good; secrets inside */
 	time_t			 de_fetched;
 	time_t			 de_token_expires; /* of its authTokens, or 0 */
@@ -363,23 +366,54 @@ token_fetch(struct token *t)
 	json_decref(key);	/* the allocator wipes the client secret */
 }
 
+/* strcmp for strings that may be absent. */
+static int
+opt_equal(const char *a, const char *b)
+{
+	return (a == NULL && b == NULL) ||
+	    (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
 static struct dentry *
-dentry_get(const char *instance, const char *tenant, const char *name)
+dentry_get(const char *instance, const char *tenant, const struct destref *ref)
 {
 	struct dentry	*d;
 
 	TAILQ_FOREACH(d, &dentries, de_entry)
 		if (strcmp(d->de_instance, instance) == 0 &&
 		    strcmp(d->de_tenant, tenant) == 0 &&
-		    strcmp(d->de_name, name) == 0)
+		    strcmp(d->de_name, ref->name) == 0 &&
+		    opt_equal(d->de_level, ref->level) &&
+		    opt_equal(d->de_fragment, ref->fragment) &&
+		    d->de_fragment_optional == ref->fragment_optional)
 			return d;
 	if ((d = calloc(1, sizeof(*d))) == NULL)
 		fatal("calloc");
 	d->de_instance = strdup(instance);
 	d->de_tenant = strdup(tenant);
-	d->de_name = strdup(name);
+	d->de_name = strdup(ref->name);
+	d->de_level = ref->level ? strdup(ref->level) : NULL;
+	d->de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
+	d->de_fragment_optional = ref->fragment_optional;
 	TAILQ_INSERT_TAIL(&dentries, d, de_entry);
 	return d;
+}
+
+/*
+ * Does a 404's body blame the fragment?  The service answers 404 for a
+ * missing destination and for a missing fragment alike; only its message
+ * tells them apart.
+ */
+static int
+blames_fragment(const char *body, size_t len)
+{
+	char	buf[1024];
+
+	if (body == NULL)
+		return 0;
+	snprintf(buf, sizeof(buf), "%.*s", (int)(len < sizeof(buf) - 1 ? len :
+	    sizeof(buf) - 1), body);
+	return strcasestr(buf, "fragment") != NULL;
 }
 
 static void
@@ -446,6 +480,17 @@ dest_done(long status, const char *body, size_t len, const char *err,
 		    "answered HTTP %ld (not authorised)", status);
 		return;
 	}
+	if (status == 404 && d->de_fragment != NULL && blames_fragment(body,
+	    len)) {
+		json_decref(d->de_result);
+		d->de_result = NULL;
+		dentry_failed(d, "ConfigurationError-ReferencedFragment-NotFound",
+		    "Technical connectivity is not configured. Fragment \"%s\" "
+		    "of destination \"%s\" not found in instance %s for tenant "
+		    "\"%s\"", d->de_fragment, d->de_name, d->de_instance,
+		    d->de_tenant);
+		return;
+	}
 	if (status == 404) {
 		/* an answer, not an outage: the destination is gone */
 		json_decref(d->de_result);
@@ -488,16 +533,20 @@ dest_done(long status, const char *body, size_t len, const char *err,
 	}
 }
 
-/* GET <uri>/destination-configuration/v1/destinations/<name>. */
+/*
+ * GET <uri>/destination-configuration/v1/destinations/<name>, or with a
+ * level the Consume API's v2/destinations/<name>@<level> (that level only,
+ * no fallback); a fragment goes in X-Fragment-Name and X-Fragment-Optional.
+ */
 static int
 dest_request(struct dentry *d, struct token *t, const char *extra,
     httpc_cb cb, void *arg, char *err, size_t errsz)
 {
 	json_t		*key;
 	const char	*uri;
-	char		*url = NULL, *auth = NULL, *ename = NULL;
-	const char	*hdrs[4];
-	int		 r = -1;
+	char		*url = NULL, *auth = NULL, *ename = NULL, *frag = NULL;
+	const char	*hdrs[6];
+	int		 r = -1, n = 0;
 
 	if ((key = dsvc_key(d->de_instance, NULL, err, errsz)) == NULL)
 		return -1;
@@ -508,13 +557,23 @@ dest_request(struct dentry *d, struct token *t, const char *extra,
 		return -1;
 	}
 	if ((ename = httpc_escape(d->de_name)) != NULL &&
-	    asprintf(&url, "%s%sdestination-configuration/v1/destinations/%s", uri,
-	    uri[strlen(uri) - 1] == '/' ? "" : "/", ename) != -1 &&
-	    asprintf(&auth, "Authorization: Bearer %s", t->tk_value) != -1) {
-		hdrs[0] = auth;
-		hdrs[1] = "Accept: application/json";
-		hdrs[2] = extra;
-		hdrs[3] = NULL;
+	    asprintf(&url, "%s%sdestination-configuration/%s/destinations/%s%s%s",
+	    uri, uri[strlen(uri) - 1] == '/' ? "" : "/", d->de_level ? "v2" :
+	    "v1", ename, d->de_level ? "@" : "", d->de_level ? d->de_level :
+	    "") != -1 &&
+	    asprintf(&auth, "Authorization: Bearer %s", t->tk_value) != -1 &&
+	    (d->de_fragment == NULL || asprintf(&frag, "X-Fragment-Name: %s",
+	    d->de_fragment) != -1)) {
+		hdrs[n++] = auth;
+		hdrs[n++] = "Accept: application/json";
+		if (frag != NULL) {
+			hdrs[n++] = frag;
+			hdrs[n++] = d->de_fragment_optional ?
+			    "X-Fragment-Optional: true" :
+			    "X-Fragment-Optional: false";
+		}
+		hdrs[n++] = extra;
+		hdrs[n] = NULL;
 		r = httpc_request(url, hdrs, NULL, NULL, NULL, NULL, NULL,
 		    DSVC_TIMEOUT, cb, arg);
 		if (r == -1)
@@ -522,6 +581,7 @@ dest_request(struct dentry *d, struct token *t, const char *extra,
 	} else
 		snprintf(err, errsz, "out of memory");
 	free(url);
+	free(frag);
 	secret_free(auth);
 	secret_free(ename);
 	json_decref(key);
@@ -556,11 +616,11 @@ dsvc_fetch(struct dentry *d)
  * -1 with reason and message.
  */
 int
-destsvc_lookup(const char *instance, const char *tenant, const char *name,
-    json_t **res, const char **stale, const char **reason, char *msg,
-    size_t msgsz)
+destsvc_lookup(const char *instance, const char *tenant,
+    const struct destref *ref, json_t **res, const char **stale,
+    const char **reason, char *msg, size_t msgsz)
 {
-	struct dentry	*d = dentry_get(instance, tenant, name);
+	struct dentry	*d = dentry_get(instance, tenant, ref);
 	time_t		 now = time(NULL);
 
 	d->de_wanted = 1;
@@ -580,7 +640,7 @@ destsvc_lookup(const char *instance, const char *tenant, const char *name,
 		return -1;
 	}
 	snprintf(msg, msgsz, "looking destination %s up in the Destination "
-	    "service", name);
+	    "service", ref->name);
 	return 0;
 }
 

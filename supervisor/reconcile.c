@@ -340,16 +340,19 @@ reconcile_lookup(struct cr *cr, const char *tenant, json_t **resolved,
 {
 	const char	*instance = reconcile_instance(cr);
 	json_t		*d, *res, *tokens, *certs;
+	struct destref	 ref = { cr->cr_dest, cr->cr_level, cr->cr_fragment,
+			    cr->cr_fragment_optional };
 	int		 r;
 
 	if ((d = destination_find(sup->destinations, tenant, cr->cr_dest)) !=
 	    NULL || instance == NULL || !destsvc_has_instance(instance)) {
 		*resolved = destination_resolve(sup->destinations, tenant,
-		    cr->cr_dest, &sup->st, reason, msg, msgsz);
+		    cr->cr_dest, cr->cr_fragment, cr->cr_fragment_optional,
+		    &sup->st, reason, msg, msgsz);
 		return *resolved ? 1 : -1;
 	}
-	r = destsvc_lookup(instance, tenant, cr->cr_dest, &res, stale, reason,
-	    msg, msgsz);
+	r = destsvc_lookup(instance, tenant, &ref, &res, stale, reason, msg,
+	    msgsz);
 	if (r != 1)
 		return r;
 	tokens = json_object_get(res, "authTokens");

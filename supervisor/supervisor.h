@@ -77,6 +77,9 @@ struct cr {
 	char	*cr_name;
 	char	*cr_dest;		/* spec.destinationRef.name */
 	char	*cr_instance;		/* spec.destinationServiceInstanceName */
+	char	*cr_level;		/* spec.destinationRef.level, or NULL */
+	char	*cr_fragment;		/* spec.fragmentRef.name, or NULL */
+	int	 cr_fragment_optional;	/* spec.fragmentRef.optional */
 	int	 cr_port;		/* spec.service.port, or the protocol's */
 	json_t	*cr_tenants;		/* array of subdomains; NULL: dedicated */
 	char	*cr_source;		/* file it came from */
@@ -188,7 +191,8 @@ json_t	*destination_translate(json_t *d, json_t *auth_tokens,
 json_t	*destination_reply_parse(const char *body, size_t len, char *err,
 	    size_t errsz);
 json_t	*destination_resolve(json_t *dests, const char *tenant, const char *name,
-	    const struct settings *, const char **reason, char *msg, size_t msgsz);
+	    const char *fragment, int fragment_optional, const struct settings *,
+	    const char **reason, char *msg, size_t msgsz);
 
 /* crdir.c */
 void	 crdir_start(void);
@@ -267,8 +271,15 @@ typedef void	(*destsvc_exchange_cb)(const char *token, const char *error,
 void	 destsvc_start(void);
 void	 destsvc_stop(void);
 int	 destsvc_has_instance(const char *);
+/* Which destination a CR names: spec.destinationRef and fragmentRef. */
+struct destref {
+	const char	*name;
+	const char	*level;		/* NULL: the service's own lookup order */
+	const char	*fragment;	/* NULL: none */
+	int		 fragment_optional;
+};
 int	 destsvc_lookup(const char *instance, const char *tenant,
-	    const char *name, json_t **res, const char **stale,
+	    const struct destref *, json_t **res, const char **stale,
 	    const char **reason, char *msg, size_t msgsz);
 int	 destsvc_connectivity_token(const char *tenant, const char **jwt,
 	    char *msg, size_t msgsz);

@@ -92,11 +92,12 @@ static const char *const reasons[] = {
 	"ConfigurationError-ReferencedDestination-AuthenticationNotSupported",
 	"ConfigurationError-ReferencedDestination-PropertyInvalid",
 	"ConfigurationFailed",
+	"ConfigurationError-ReferencedFragment-NotFound",
 };
 
 static void
 resolve(json_t *dests, const char *tenant, const char *name,
-    const struct settings *st, json_t *want)
+    const char *fragment, const struct settings *st, json_t *want)
 {
 	char		 msg[1024];
 	const char	*reason = NULL, *v;
@@ -106,15 +107,16 @@ resolve(json_t *dests, const char *tenant, const char *name,
 	json_int_t	 port;
 
 	msg[0] = '\0';
-	r = destination_resolve(dests, tenant, name, st, &reason, msg,
-	    sizeof(msg));
+	r = destination_resolve(dests, tenant, name, fragment, 0, st, &reason,
+	    msg, sizeof(msg));
 	if (r == NULL) {
 		for (i = 0; reason && i < sizeof(reasons) / sizeof(reasons[0]); i++)
 			if (strcmp(reason, reasons[i]) == 0)
 				ok = 1;
 		FUZZ_CHECK(ok, "refused with reason %s", reason ? reason : "(none)");
 		FUZZ_CHECK(msg[0] != '\0', "refused (%s) without a message", reason);
-		FUZZ_CHECK(want != NULL || strcmp(reason, reasons[0]) == 0,
+		FUZZ_CHECK(want != NULL || strcmp(reason, reasons[0]) == 0 ||
+		    (fragment != NULL && strcmp(reason, reasons[7]) == 0),
 		    "missing destination refused with %s", reason);
 		return;
 	}
@@ -154,6 +156,40 @@ resolve(json_t *dests, const char *tenant, const char *name,
 	json_decref(r);
 }
 
+/*
+ * Fragment frag of tenant merged into each of its destinations: the
+ * reference merge (the fragment's properties win, but its FragmentName)
+ * is what the resolution must match.  The last fragment of a name wins.
+ */
+static void
+with_fragment(json_t *dests, const char *tenant, json_t *frag,
+    const struct settings *st)
+{
+	const char	*fname = json_string_value(json_object_get(frag,
+			    "FragmentName")), *name, *key;
+	json_t		*d, *want, *v, *last = NULL;
+	size_t		 i;
+
+	json_array_foreach(json_object_get(dests, tenant), i, d)
+		if (json_is_string(json_object_get(d, "FragmentName")) &&
+		    strcmp(json_string_value(json_object_get(d,
+		    "FragmentName")), fname) == 0)
+			last = d;
+	if (last != frag)
+		return;
+	json_array_foreach(json_object_get(dests, tenant), i, d) {
+		if ((name = json_string_value(json_object_get(d, "Name"))) ==
+		    NULL || destination_find(dests, tenant, name) != d)
+			continue;
+		want = json_deep_copy(d);
+		json_object_foreach(frag, key, v)
+			if (strcmp(key, "FragmentName") != 0)
+				json_object_set(want, key, v);
+		resolve(dests, tenant, name, fname, st, want);
+		json_decref(want);
+	}
+}
+
 static void
 resolve_all(json_t *dests)
 {
@@ -174,16 +210,24 @@ resolve_all(json_t *dests)
 					const char *name = json_string_value(
 					    json_object_get(d, "Name"));
 
+					if (name == NULL) {
+						/* a fragment: on each destination */
+						with_fragment(dests, tenant, d,
+						    &st);
+						continue;
+					}
 					/* the last of that name wins */
-					resolve(dests, tenant, name, &st,
+					resolve(dests, tenant, name, NULL, &st,
 					    destination_find(dests, tenant, name));
 				}
-				resolve(dests, tenant, "no-such-destination", &st,
-				    destination_find(dests, tenant,
+				resolve(dests, tenant, "no-such-destination", NULL,
+				    &st, destination_find(dests, tenant,
 				    "no-such-destination"));
+				resolve(dests, tenant, "no-such-destination",
+				    "no-such-fragment", &st, NULL);
 			}
-			resolve(dests, "no-such-tenant", "example-dest-pop3", &st,
-			    NULL);
+			resolve(dests, "no-such-tenant", "example-dest-pop3",
+			    NULL, &st, NULL);
 		}
 }
 
@@ -204,8 +248,11 @@ load(const char *path)
 	json_object_foreach(dests, tenant, arr) {
 		FUZZ_CHECK(json_is_array(arr), "tenant %s: not an array", tenant);
 		json_array_foreach(arr, i, d) {
-			FUZZ_CHECK(json_is_string(json_object_get(d, "Name")),
-			    "tenant %s [%zu]: no Name", tenant, i);
+			/* a destination or a fragment, never both */
+			FUZZ_CHECK(json_is_string(json_object_get(d, "Name")) !=
+			    json_is_string(json_object_get(d, "FragmentName")),
+			    "tenant %s [%zu]: neither or both of Name and "
+			    "FragmentName", tenant, i);
 			json_object_foreach(d, key, v)
 				FUZZ_CHECK(json_is_string(v), "property %s", key);
 		}

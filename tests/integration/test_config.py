@@ -310,3 +310,58 @@ def test_state_dir_deeper_than_a_socket_path(tpmaild_factory, mailboxes):
     assert t.services()["mail"]["state"] == "running"
     assert os.path.exists(t.control)
     assert _first_message(t.port("mail")) == mailboxes["alice"][0]
+
+
+def test_fragment_extends_the_destination(tpmaild_factory, dovecot, mailboxes):
+    """spec.fragmentRef: a fragment in the destinations file (an entry with
+    a FragmentName) merged into the destination, its properties winning, as
+    the Destination service merges them; a missing fragment rejects the CR
+    with SAP's reason unless spec.fragmentRef.optional is true."""
+    dests = th.standard_destinations(dovecot)
+    dests["provider"].append({"FragmentName": "as-bob", "mail.user": "bob",
+                              "mail.password": dovecot.users["bob"]})
+    crs = {"f.yaml": [th.cr("with-frag", "dest-a"), th.cr("no-frag", "dest-a"),
+                      th.cr("missing-frag", "dest-a"), th.cr("optional-frag", "dest-a")]}
+    for c, ref in zip(crs["f.yaml"], [{"name": "as-bob"}, None, {"name": "nope"},
+                                      {"name": "nope", "optional": True}]):
+        if ref is not None:
+            c["spec"]["fragmentRef"] = ref
+    t = tpmaild_factory(crs=crs, destinations=dests,
+                        expect=["with-frag", "no-frag", "optional-frag"])
+    assert _first_message(t.port("with-frag")) == mailboxes["bob"][0]
+    assert _first_message(t.port("no-frag")) == mailboxes["alice"][0]
+    assert _first_message(t.port("optional-frag")) == mailboxes["alice"][0]
+    r = t.wait_rejected("missing-frag")
+    assert r[0]["reason"] == "ConfigurationError-ReferencedFragment-NotFound", r
+    assert "nope" in r[0]["error"], r
+    # the fragment appears: the CR starts
+    dests["provider"].append({"FragmentName": "nope", "mail.user": "bob",
+                              "mail.password": dovecot.users["bob"]})
+    t.write_destinations(dests)
+    _wait_serves(t, "missing-frag", mailboxes["bob"][0])
+
+
+@pytest.mark.parametrize("ref,field", [
+    ({"name": ""}, "spec.fragmentRef.name"),
+    ({"name": "f", "optional": "yes"}, "spec.fragmentRef.optional"),
+    ({"name": "f", "level": "galaxy"}, "spec.fragmentRef.level"),
+    ({"level": "instance"}, "spec.fragmentRef.level"),
+])
+def test_malformed_fragment_ref(tpmaild_factory, ref, field):
+    c = th.cr("bad-frag", "dest-a")
+    c["spec"]["fragmentRef"] = ref
+    t = tpmaild_factory(crs={"bad.yaml": c}, expect=[])
+    r = t.wait_rejected("bad-frag")
+    assert field in r[0]["error"], r
+
+
+def test_destinations_file_entry_needs_name_or_fragment_name(tpmaild_factory, dovecot):
+    """An entry with neither (or both) is a broken destinations file: the
+    last good one stays in force and the error names the entry."""
+    t = tpmaild_factory(crs={"mail.yaml": th.cr("mail", "dest-a")}, expect=["mail"])
+    dests = copy.deepcopy(t.destinations)
+    dests["provider"].append({"Name": "x", "FragmentName": "y"})
+    t.write_destinations(dests)
+    wait_for(lambda: "Name, or a fragment with a FragmentName" in t.log_text(), RELOAD_TIMEOUT,
+             what="the destinations file's error in the log")
+    assert t.services()["mail"]["state"] == "running"

@@ -150,6 +150,8 @@ def world(btp, dovecot):
         ds.set_fail(None)
         with ds.lock:
             ds.destinations.clear()
+            ds.instance_destinations.clear()
+            ds.fragments.clear()
             ds.requests.clear()
             ds.introspections.clear()
         ds.mail_token_ttl = 3600
@@ -341,6 +343,51 @@ def test_cr_names_its_destination_service_instance(start, btp, dovecot, world):
     # dedicated: the provider's token, from the service key's url as is
     hosts = {r["host"].split(":")[0] for r in btp.xsuaa.token_requests(PROVIDER)}
     assert hosts == {"prov-subaccount.auth.test"}, hosts
+
+
+def test_fragment_merged_by_the_service(start, btp, dovecot, world):
+    """spec.fragmentRef reaches the Destination service as X-Fragment-Name
+    (and X-Fragment-Optional); the merged destination is served.  A missing
+    fragment is SAP's ReferencedFragment-NotFound, unless optional."""
+    btp.dest.put(PROVIDER, dest("dest-prov", "prov", dovecot))
+    btp.dest.put_fragment(PROVIDER, {"FragmentName": "as-ta", "mail.user": user("tenant-a"),
+                                     "mail.password": password("tenant-a")})
+    crs = {"f.yaml": [th.cr("frag", "dest-prov"), th.cr("frag-missing", "dest-prov"),
+                      th.cr("frag-optional", "dest-prov")]}
+    crs["f.yaml"][0]["spec"]["fragmentRef"] = {"name": "as-ta"}
+    crs["f.yaml"][1]["spec"]["fragmentRef"] = {"name": "nope"}
+    crs["f.yaml"][2]["spec"]["fragmentRef"] = {"name": "nope", "optional": True}
+    t = start(crs, ["frag", "frag-optional"])
+    session_ok(t.port("frag"), world["tenant-a"])
+    session_ok(t.port("frag-optional"), world["prov"])
+    reqs = btp.dest.find_requests(tenant=PROVIDER, name="dest-prov", status=200)
+    assert {(r["x_fragment_name"], r["x_fragment_optional"]) for r in reqs} == \
+        {("as-ta", "false"), ("nope", "true")}, reqs
+    rs = t.wait_rejected("frag-missing")
+    assert rs[0]["reason"] == "ConfigurationError-ReferencedFragment-NotFound", rs
+    assert "nope" in rs[0]["error"], rs
+
+
+def test_destination_level_reads_that_level_only(start, btp, dovecot, world):
+    """spec.destinationRef.level uses the Consume API (name@level): that
+    level and no other.  Without it, the instance level comes first."""
+    btp.dest.put(PROVIDER, dest("dest-lv", "prov", dovecot), level="instance")
+    btp.dest.put(PROVIDER, dest("dest-lv", "tenant-b", dovecot), level="subaccount")
+    btp.dest.put(PROVIDER, dest("dest-sub-only", "tenant-a", dovecot))
+    crs = {"l.yaml": [th.cr("lv-any", "dest-lv"), th.cr("lv-sub", "dest-lv"),
+                      th.cr("lv-inst", "dest-lv"), th.cr("lv-inst-missing", "dest-sub-only")]}
+    for c, level in zip(crs["l.yaml"], [None, "subaccount", "instance", "instance"]):
+        if level:
+            c["spec"]["destinationRef"]["level"] = level
+    t = start(crs, ["lv-any", "lv-sub", "lv-inst"])
+    session_ok(t.port("lv-any"), world["prov"])
+    session_ok(t.port("lv-sub"), world["tenant-b"])
+    session_ok(t.port("lv-inst"), world["prov"])
+    levels = {r["level"] for r in btp.dest.find_requests(tenant=PROVIDER, name="dest-lv",
+                                                          status=200)}
+    assert levels == {None, "subaccount", "instance"}, levels
+    rs = t.wait_rejected("lv-inst-missing")
+    assert rs[0]["reason"] == "ConfigurationError-ReferencedDestination-NotFound", rs
 
 
 # --------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 #include "supervisor.h"
 
 #define R_NOTFOUND	"ConfigurationError-ReferencedDestination-NotFound"
+#define R_FRAGMENT	"ConfigurationError-ReferencedFragment-NotFound"
 #define R_TYPE		"ConfigurationError-ReferencedDestination-TypeNotSupported"
 #define R_PROXYTYPE	"ConfigurationError-ReferencedDestination-ProxyTypeNotSupported"
 #define R_LOOPBACK	"ConfigurationError-ReferencedDestination-LoopbackUrlNotSupported"
@@ -139,8 +140,8 @@ resolve_one(json_t *d, int allow_loopback, const char **reason, char *msg,
 	*reason = NULL;
 	msg[0] = '\0';
 	out = destination_resolve(dests, TPMAIL_PROVIDER_TENANT,
-	    json_string_value(json_object_get(d, "Name")), &st, reason, msg,
-	    msgsz);
+	    json_string_value(json_object_get(d, "Name")), NULL, 0, &st, reason,
+	    msg, msgsz);
 	json_decref(dests);
 	json_decref(d);
 	return out;
@@ -410,31 +411,99 @@ test_not_found(void **state)
 	    ".json", err, sizeof(err));
 	if (dests == NULL)
 		fail_msg("%s", err);
-	assert_null(destination_resolve(dests, "provider", "mail-x", &st,
+	assert_null(destination_resolve(dests, "provider", "mail-x", NULL, 0, &st,
 	    &reason, msg, sizeof(msg)));
 	assert_string_equal(reason, R_NOTFOUND);
 	assert_non_null(strstr(msg, "\"mail-x\""));
 	assert_non_null(strstr(msg, "\"provider\""));
 	/* names are per tenant */
 	reason = NULL;
-	assert_null(destination_resolve(dests, "tenant-a", "mail-a", &st,
+	assert_null(destination_resolve(dests, "tenant-a", "mail-a", NULL, 0, &st,
 	    &reason, msg, sizeof(msg)));
 	assert_string_equal(reason, R_NOTFOUND);
 	assert_non_null(strstr(msg, "\"tenant-a\""));
 	reason = NULL;
-	assert_null(destination_resolve(dests, "tenant-b", "mail-a", &st,
+	assert_null(destination_resolve(dests, "tenant-b", "mail-a", NULL, 0, &st,
 	    &reason, msg, sizeof(msg)));
 	assert_string_equal(reason, R_NOTFOUND);
 	reason = NULL;
-	assert_null(destination_resolve(dests, "tenant-c", "mail-a", &st,
+	assert_null(destination_resolve(dests, "tenant-c", "mail-a", NULL, 0, &st,
 	    &reason, msg, sizeof(msg)));
 	assert_string_equal(reason, R_NOTFOUND);
 	/* names match exactly */
 	reason = NULL;
-	assert_null(destination_resolve(dests, "provider", "MAIL-A", &st,
+	assert_null(destination_resolve(dests, "provider", "MAIL-A", NULL, 0, &st,
 	    &reason, msg, sizeof(msg)));
 	assert_string_equal(reason, R_NOTFOUND);
 	json_decref(dests);
+}
+
+/*
+ * Fragments: merged over the destination (their properties win, their
+ * FragmentName is no property), per tenant; a missing one is SAP's
+ * ReferencedFragment-NotFound unless optional; an entry with both a Name
+ * and a FragmentName, or neither, breaks the file.
+ */
+static void
+test_fragments(void **state)
+{
+	struct settings	 st;
+	json_t		*dests, *out, *file;
+	const char	*reason = NULL;
+	char		 msg[512], err[256], *text;
+
+	(void)state;
+	memset(&st, 0, sizeof(st));
+	file = json_pack("{s:[o,{s:s,s:s,s:s},{s:s,s:s}],s:[{s:s,s:s}]}",
+	    "provider", with_props(sample_dest(), "mail.pop3.host",
+	    "pop.example", NULL),
+	    "FragmentName", "other-login", "mail.user", "carol",
+	    "mail.pop3.host", "pop2.example",
+	    "FragmentName", "empty", "Description", "x",
+	    "tenant-a", "FragmentName", "other-login", "mail.user", "dave");
+	text = json_dumps(file, 0);
+	json_decref(file);
+	dests = load_text(text, ".json", err, sizeof(err));
+	free(text);
+	if (dests == NULL)
+		fail_msg("%s", err);
+	out = destination_resolve(dests, "provider", "mail-a", "other-login", 0,
+	    &st, &reason, msg, sizeof(msg));
+	if (out == NULL)
+		fail_msg("%s: %s", reason, msg);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+	    out, "upstream"), "host")), "pop2.example");
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+	    out, "auth"), "user")), "carol");
+	json_decref(out);
+	/* the file's destination itself is untouched */
+	out = destination_resolve(dests, "provider", "mail-a", NULL, 0, &st,
+	    &reason, msg, sizeof(msg));
+	assert_non_null(out);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+	    out, "upstream"), "host")), "pop.example");
+	json_decref(out);
+	reason = NULL;
+	assert_null(destination_resolve(dests, "provider", "mail-a", "nope", 0,
+	    &st, &reason, msg, sizeof(msg)));
+	assert_string_equal(reason, R_FRAGMENT);
+	assert_non_null(strstr(msg, "\"nope\""));
+	out = destination_resolve(dests, "provider", "mail-a", "nope", 1, &st,
+	    &reason, msg, sizeof(msg));
+	assert_non_null(out);
+	json_decref(out);
+	/* fragments are per tenant too; the destination is looked up first */
+	reason = NULL;
+	assert_null(destination_resolve(dests, "tenant-a", "mail-a",
+	    "other-login", 0, &st, &reason, msg, sizeof(msg)));
+	assert_string_equal(reason, R_NOTFOUND);
+	json_decref(dests);
+
+	assert_null(load_text("{\"provider\": [{\"Name\": \"a\", "
+	    "\"FragmentName\": \"b\"}]}", ".json", err, sizeof(err)));
+	assert_non_null(strstr(err, "FragmentName"));
+	assert_null(load_text("{\"provider\": [{\"Type\": \"MAIL\"}]}",
+	    ".json", err, sizeof(err)));
 }
 
 /* Each tenant resolves its own destination of the same name. */
@@ -457,7 +526,7 @@ test_per_tenant(void **state)
 	dests = load_text(text, ".json", err, sizeof(err));
 	free(text);
 	assert_non_null(dests);
-	out = destination_resolve(dests, "tenant-b", "mail-a", &st, &reason,
+	out = destination_resolve(dests, "tenant-b", "mail-a", NULL, 0, &st, &reason,
 	    msg, sizeof(msg));
 	assert_non_null(out);
 	assert_string_equal(json_string_value(json_object_get(json_object_get(
@@ -465,7 +534,7 @@ test_per_tenant(void **state)
 	assert_string_equal(json_string_value(json_object_get(json_object_get(
 	    out, "auth"), "user")), "bob");
 	json_decref(out);
-	out = destination_resolve(dests, "tenant-a", "mail-a", &st, &reason,
+	out = destination_resolve(dests, "tenant-a", "mail-a", NULL, 0, &st, &reason,
 	    msg, sizeof(msg));
 	assert_non_null(out);
 	assert_string_equal(json_string_value(json_object_get(json_object_get(
@@ -670,7 +739,7 @@ test_load_valid(void **state)
 	if (d == NULL)
 		fail_msg("%s", err);
 	memset(&st, 0, sizeof(st));
-	out = destination_resolve(d, "provider", "mail-a", &st, &reason, msg,
+	out = destination_resolve(d, "provider", "mail-a", NULL, 0, &st, &reason, msg,
 	    sizeof(msg));
 	if (out == NULL)
 		fail_msg("%s: %s", reason, msg);
@@ -911,6 +980,7 @@ main(void)
 		cmocka_unit_test(test_loopback),
 		cmocka_unit_test(test_load_errors),
 		cmocka_unit_test(test_load_valid),
+		cmocka_unit_test(test_fragments),
 		cmocka_unit_test(test_trust_store),
 		cmocka_unit_test(test_reply_parse),
 	};

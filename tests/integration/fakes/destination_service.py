@@ -23,6 +23,17 @@ destinations (404 for an unknown name).  The reply is SAP's shape:
 * OAuth2AuthorizationCode: likewise with ``X-code`` (``add_code``; each
   code works once, like a real authorization code)
 
+Levels and fragments: ``put(tenant, props, level="instance")`` stores a
+destination at the service-instance level (the default is the subaccount
+level); the v1 lookup tries the instance level, then the subaccount level.
+``GET /destination-configuration/v2/destinations/<name>@<level>`` (the
+Consume API) reads that level only: ``subaccount``, ``instance``, or
+``provider_subaccount``/``provider_instance`` (the provider's, whatever
+the token's tenant).  ``put_fragment(tenant, {"FragmentName": ..., ...})``
+stores a fragment; ``X-Fragment-Name`` (a comma list) merges fragments
+into the destination, their properties winning; a missing one is a 404
+("Fragment ... not found") unless ``X-Fragment-Optional: true``.
+
 ``certificates``: the certificates a destination's ``TrustStoreLocation``
 and ``KeyStoreLocation`` name, from ``ds.put_certificate(tenant, name,
 data)`` (``{"Name", "Type": "CERTIFICATE", "Content": base64}``), as SAP
@@ -55,6 +66,8 @@ except ImportError:                     # run as a script
     from xsuaa import TokenService, PROVIDER
 
 FIND_PREFIX = "/destination-configuration/v1/destinations/"
+CONSUME_PREFIX = "/destination-configuration/v2/destinations/"
+LEVELS = ("subaccount", "instance", "provider_subaccount", "provider_instance")
 INTROSPECT = "/mail-oauth/introspect"
 FAIL_MODES = (None, "500", "hang", "malformed", "401", "503")
 
@@ -67,7 +80,9 @@ class DestinationService:
         self.client_id = client_id or "sb-%s!b%d" % (name, os.getpid())
         self.client_secret = client_secret or common.random_secret("dest-client")
         self.ts.add_client(self.client_id, self.client_secret)
-        self.destinations = {}          # tenant -> {name: {props}}
+        self.destinations = {}          # tenant -> {name: {props}}, subaccount level
+        self.instance_destinations = {}  # tenant -> {name: {props}}, instance level
+        self.fragments = {}             # tenant -> {fragment name: {props}}
         self.certificates = {}          # tenant -> {name: certificate object}
         self.requests = []              # every find-destination request
         self.introspections = []        # every introspection request
@@ -120,11 +135,33 @@ class DestinationService:
 
     # -- destinations -------------------------------------------------------
 
-    def put(self, tenant, props):
+    def put(self, tenant, props, level="subaccount"):
         if not all(isinstance(v, str) for v in props.values()):
             raise TypeError("destination properties are strings")
+        store = {"subaccount": self.destinations,
+                 "instance": self.instance_destinations}[level]
         with self.lock:
-            self.destinations.setdefault(tenant, {})[props["Name"]] = dict(props)
+            store.setdefault(tenant, {})[props["Name"]] = dict(props)
+
+    def put_fragment(self, tenant, props):
+        if not all(isinstance(v, str) for v in props.values()):
+            raise TypeError("fragment properties are strings")
+        with self.lock:
+            self.fragments.setdefault(tenant, {})[props["FragmentName"]] = dict(props)
+
+    def _find(self, tenant, name, level):
+        """The destination's properties (a copy) or None."""
+        with self.lock:
+            if level is None:
+                d = (self.instance_destinations.get(tenant, {}).get(name)
+                     or self.destinations.get(tenant, {}).get(name))
+            else:
+                if level.startswith("provider_"):
+                    tenant, level = PROVIDER, level[len("provider_"):]
+                store = (self.instance_destinations if level == "instance"
+                         else self.destinations)
+                d = store.get(tenant, {}).get(name)
+            return dict(d) if d is not None else None
 
     def load(self, dests):
         """{tenant: [props, ...]} (tpmaild's destinations-file shape)."""
@@ -132,7 +169,10 @@ class DestinationService:
             if tenant != PROVIDER:
                 self.ts.add_tenant(tenant)
             for d in arr:
-                self.put(tenant, d)
+                if "FragmentName" in d:
+                    self.put_fragment(tenant, d)
+                else:
+                    self.put(tenant, d)
 
     def update(self, tenant, name, changes):
         with self.lock:
@@ -267,9 +307,15 @@ class _Handler(common.QuietHandler):
     def do_GET(self):
         ds = self.ds
         u = urllib.parse.urlsplit(self.path)
-        if not u.path.startswith(FIND_PREFIX):
+        level = None
+        if u.path.startswith(FIND_PREFIX):
+            name = urllib.parse.unquote(u.path[len(FIND_PREFIX):])
+        elif u.path.startswith(CONSUME_PREFIX):
+            name, _, level = urllib.parse.unquote(u.path[len(CONSUME_PREFIX):]).rpartition("@")
+            if level not in LEVELS or not name:
+                return self.reply(400, {"ErrorMessage": "name@level expected"})
+        else:
             return self.reply(404, {"ErrorMessage": "no such endpoint"})
-        name = urllib.parse.unquote(u.path[len(FIND_PREFIX):])
         query = urllib.parse.parse_qs(u.query)
         auth = self.headers.get("Authorization", "")
         tok = auth[7:].strip() if auth[:7].lower() == "bearer " else None
@@ -277,7 +323,9 @@ class _Handler(common.QuietHandler):
         tenant = tokrec["tenant"] if tokrec else None
         rec = {"time": time.time(), "name": name, "tenant": tenant, "status": None,
                "error": None, "token": tok, "x_refresh_token": self.headers.get("X-refresh-token"),
-               "x_code": self.headers.get("X-code")}
+               "x_code": self.headers.get("X-code"), "level": level,
+               "x_fragment_name": self.headers.get("X-Fragment-Name"),
+               "x_fragment_optional": self.headers.get("X-Fragment-Optional")}
 
         def answer(code, body, err=None, ctype="application/json"):
             rec["status"] = code
@@ -308,12 +356,23 @@ class _Handler(common.QuietHandler):
             return answer(401, {"ErrorMessage": "Unauthorized"}, "token %s" % why)
         if tokrec["client_id"] != ds.client_id:
             return answer(401, {"ErrorMessage": "Unauthorized"}, "token of another client")
-        with ds.lock:
-            d = ds.destinations.get(tenant, {}).get(name)
-            d = dict(d) if d is not None else None
+        d = ds._find(tenant, name, level)
         if d is None:
             return answer(404, {"ErrorMessage": "Configuration with the specified name was "
                                                 "not found"}, "not found")
+        optional = (self.headers.get("X-Fragment-Optional") or "").lower() == "true"
+        for fname in filter(None, (f.strip() for f in
+                                   (self.headers.get("X-Fragment-Name") or "").split(","))):
+            with ds.lock:
+                frag = ds.fragments.get(tenant, {}).get(fname)
+                frag = dict(frag) if frag is not None else None
+            if frag is None:
+                if optional:
+                    continue
+                return answer(404, {"ErrorMessage": "Fragment %s not found" % fname},
+                              "fragment not found")
+            frag.pop("FragmentName")
+            d.update(frag)
         body = {"owner": {"SubaccountId": "subaccount-" + tenant, "InstanceId": None},
                 "destinationConfiguration": d}
         if query.get("$skipTokenRetrieval", ["false"])[0] != "true":
