@@ -231,6 +231,7 @@ static void
 service_exchange(struct service *sv, json_t *body)
 {
 	struct exchange_reply	*xr;
+	struct destref		 ref;
 	const char		*kind, *value;
 	json_t			*reply;
 	json_int_t		 session;
@@ -258,8 +259,11 @@ service_exchange(struct service *sv, json_t *body)
 	xr->xr_pid = sv->sv_pid;
 	xr->xr_session = session;
 	sv->sv_exchanges++;
+	/* the same destination the service was configured from */
+	ref = (struct destref){ sv->sv_dest, sv->sv_level, sv->sv_fragment,
+	    sv->sv_fragment_optional };
 	destsvc_exchange(sv->sv_instance, sv->sv_tenant ? sv->sv_tenant :
-	    TPMAIL_PROVIDER_TENANT, sv->sv_dest, kind, value, service_exchanged, xr);
+	    TPMAIL_PROVIDER_TENANT, &ref, kind, value, service_exchanged, xr);
 }
 
 /* HELLO arrived: [CA] then CONFIG with the listening socket. */
@@ -598,6 +602,8 @@ service_free(struct service *sv)
 	free(sv->sv_tenant);
 	free(sv->sv_instance);
 	free(sv->sv_dest);
+	free(sv->sv_level);
+	free(sv->sv_fragment);
 	free(sv->sv_restart);
 	free(sv->sv_error);
 	free(sv);

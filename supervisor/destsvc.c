@@ -671,6 +671,8 @@ exchange_free(struct exchange *x)
 	free(x->ex_dest.de_instance);
 	free(x->ex_dest.de_tenant);
 	free(x->ex_dest.de_name);
+	free(x->ex_dest.de_level);
+	free(x->ex_dest.de_fragment);
 	free(x->ex_kind);
 	secret_free(x->ex_value);
 	free(x);
@@ -713,8 +715,9 @@ exchange_done(long status, const char *body, size_t len, const char *err,
  * token comes back in authTokens.  cb runs once, later.
  */
 void
-destsvc_exchange(const char *instance, const char *tenant, const char *name,
-    const char *kind, const char *value, destsvc_exchange_cb cb, void *arg)
+destsvc_exchange(const char *instance, const char *tenant,
+    const struct destref *ref, const char *kind, const char *value,
+    destsvc_exchange_cb cb, void *arg)
 {
 	struct exchange	*x;
 	struct token	*t = token_get(instance, tenant);
@@ -730,7 +733,10 @@ destsvc_exchange(const char *instance, const char *tenant, const char *name,
 		fatal("calloc");
 	x->ex_dest.de_instance = strdup(instance);
 	x->ex_dest.de_tenant = strdup(tenant);
-	x->ex_dest.de_name = strdup(name);
+	x->ex_dest.de_name = strdup(ref->name);
+	x->ex_dest.de_level = ref->level ? strdup(ref->level) : NULL;
+	x->ex_dest.de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
+	x->ex_dest.de_fragment_optional = ref->fragment_optional;
 	x->ex_kind = strdup(kind);
 	x->ex_value = strdup(value);
 	x->ex_cb = cb;

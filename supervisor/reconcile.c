@@ -458,9 +458,14 @@ reconcile_cr(struct cr *cr, json_t *rejected)
 		/* where a client's token is exchanged, if it comes to that */
 		free(sv->sv_instance);
 		free(sv->sv_dest);
+		free(sv->sv_level);
+		free(sv->sv_fragment);
 		sv->sv_instance = json_is_true(json_object_get(resolved,
 		    "from_service")) ? strdup(reconcile_instance(cr)) : NULL;
 		sv->sv_dest = strdup(cr->cr_dest);
+		sv->sv_level = cr->cr_level ? strdup(cr->cr_level) : NULL;
+		sv->sv_fragment = cr->cr_fragment ? strdup(cr->cr_fragment) : NULL;
+		sv->sv_fragment_optional = cr->cr_fragment_optional;
 		if (stale != NULL)
 			service_note_error(sv, stale);
 		sv->sv_svc_port = cr->cr_port ? cr->cr_port : (int)json_integer_value(

@@ -109,6 +109,9 @@ struct service {
 	char			*sv_tenant;	/* NULL: dedicated */
 	char			*sv_instance;	/* Destination service instance */
 	char			*sv_dest;	/* destination name */
+	char			*sv_level;	/* and the CR's level, fragment */
+	char			*sv_fragment;
+	int			 sv_fragment_optional;
 	int			 sv_exchanges;	/* token exchanges in flight */
 	char			*sv_restart;	/* restart annotation last acted on */
 	json_t			*sv_config;	/* what the proxy gets (secrets!) */
@@ -284,7 +287,7 @@ int	 destsvc_lookup(const char *instance, const char *tenant,
 int	 destsvc_connectivity_token(const char *tenant, const char **jwt,
 	    char *msg, size_t msgsz);
 void	 destsvc_exchange(const char *instance, const char *tenant,
-	    const char *name, const char *kind, const char *value,
+	    const struct destref *, const char *kind, const char *value,
 	    destsvc_exchange_cb, void *);
 
 /* http.c */

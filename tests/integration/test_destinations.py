@@ -740,6 +740,26 @@ def test_oauth2_refresh_token_from_the_client(start, btp, world, dovecot_log):
     assert_not_logged(t, [REFRESH_TOKEN] + issued, "a refresh or access token")
 
 
+def test_oauth2_exchange_asks_the_crs_level_and_fragment(start, btp, world):
+    """The exchange of a client's refresh token asks the Destination service
+    for the same destination the tenant was configured from: the CR's level
+    and fragment go with it."""
+    btp.dest.put_fragment(PROVIDER, {"FragmentName": "note", "Description": "x"})
+    c = th.cr("oauth-rt-lv", "dest-rt")
+    c["spec"]["destinationRef"]["level"] = "subaccount"
+    c["spec"]["fragmentRef"] = {"name": "note"}
+    t = start({"o.yaml": c}, ["oauth-rt-lv"])
+    with Pop3(t.port("oauth-rt-lv")) as p:
+        assert p.greeting.startswith(b"+OK"), p.greeting
+        r = p.cmd(b"AUTH XOAUTH2 " + xoauth2(user("rt"), REFRESH_TOKEN))
+        assert r.startswith(b"+OK"), r
+        assert p.cmd("QUIT").startswith(b"+OK")
+    ex = [r for r in btp.dest.find_requests(name="dest-rt") if r["x_refresh_token"]]
+    assert ex, btp.dest.find_requests(name="dest-rt")
+    assert (ex[-1]["level"], ex[-1]["x_fragment_name"], ex[-1]["status"]) == \
+        ("subaccount", "note", 200), ex[-1]
+
+
 def test_oauth2_exchange_during_service_outage_is_temporary(start, btp, world):
     """The Destination service failing (500) is not a verdict on the
     client's refresh token: the client must hear [SYS/TEMP], not [AUTH]
