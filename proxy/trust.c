@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 
 #include <openssl/asn1.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 
@@ -122,9 +123,8 @@ trust_subject_hash(const unsigned char *der, int len, unsigned long *hash)
 	return ok;
 }
 
-/* Index every CERTIFICATE block of the bundle; others are skipped. */
 static int
-trust_index(struct trust *t)
+trust_index_entries(struct trust *t)
 {
 	const char	*p = t->t_data, *end = t->t_data + t->t_len, *b, *e;
 	unsigned char	*der;
@@ -144,7 +144,8 @@ trust_index(struct trust *t)
 			b += 11 + 21;
 		else
 			continue;
-		if ((der = trust_der(b, e - b, &len)) == NULL)
+		/* "-----BEGIN CERTIFICATE-----END ...": the label ran into it */
+		if (b > e || (der = trust_der(b, e - b, &len)) == NULL)
 			continue;
 		if (!trust_subject_hash(der, len, &hash)) {
 			free(der);
@@ -162,6 +163,19 @@ trust_index(struct trust *t)
 		    b - t->t_data, e - b, 0 };
 	}
 	return 0;
+}
+
+/* Index every CERTIFICATE block of the bundle; others are skipped. */
+static int
+trust_index(struct trust *t)
+{
+	int	r;
+
+	/* malformed entries are skipped, and so are their errors */
+	ERR_set_mark();
+	r = trust_index_entries(t);
+	ERR_pop_to_mark();
+	return r;
 }
 
 struct trust *
@@ -216,8 +230,11 @@ trust_parse(struct trust *t, struct trust_cert *c)
 
 	if ((der = trust_der(t->t_data + c->tc_off, c->tc_len, &len)) == NULL)
 		return NULL;
+	/* a bad entry's errors must not pass for the handshake's own */
+	ERR_set_mark();
 	p = der;
 	x = d2i_X509(NULL, &p, len);
+	ERR_pop_to_mark();
 	free(der);
 	return x;
 }
