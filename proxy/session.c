@@ -1100,17 +1100,28 @@ session_upstream_ready(struct session *s)
 	 */
 	bufferevent_set_timeouts(s->se_ubev, &(struct timeval){
 	    s->se_cfg->idle_timeout, 0 }, NULL);
-	bufferevent_enable(s->se_ubev, EV_WRITE);
+	/*
+	 * The login left writing enabled; enabling it again would poll for
+	 * writability once more (an epoll_ctl and a wake-up for nothing).
+	 */
+	if (!(bufferevent_get_enabled(s->se_ubev) & EV_WRITE))
+		bufferevent_enable(s->se_ubev, EV_WRITE);
 	s->se_ussl = bufferevent_openssl_get_ssl(s->se_ubev);
 	if (bufferevent_getfd(s->se_ubev) != -1 &&
 	    evbuffer_get_length(bufferevent_get_input(s->se_ubev)) == 0 &&
 	    (s->se_ussl == NULL || SSL_pending(s->se_ussl) == 0) &&
 	    (s->se_uread = event_new(proxy->base, bufferevent_getfd(s->se_ubev),
-	    EV_READ | EV_PERSIST, session_upstream_fd_cb, s)) != NULL)
+	    EV_READ | EV_PERSIST, session_upstream_fd_cb, s)) != NULL) {
+		/*
+		 * Our reader first, then the bufferevent's off: the socket stays
+		 * polled for reading throughout, so epoll is not told twice.
+		 */
+		session_upstream_reading(s, 1);
 		bufferevent_disable(s->se_ubev, EV_READ);
-	else
+	} else {
 		s->se_ussl = NULL;
-	session_upstream_reading(s, 1);
+		session_upstream_reading(s, 1);
+	}
 	/*
 	 * From now on the session writes to the client itself; its write
 	 * event is made the first time the client's socket is full.
@@ -1171,6 +1182,17 @@ session_close_flush(struct session *s, int failed, const char *reason)
 	bufferevent_setwatermark(s->se_client, EV_WRITE, 0, 0);
 	bufferevent_set_timeouts(s->se_client, NULL, &(struct timeval){
 	    s->se_cfg->connect_timeout, 0 });
+	/*
+	 * The last bytes (QUIT's answer, an -ERR) nearly always fit in the
+	 * socket: written now, the session ends without polling for them.
+	 * A client that cannot take them is gone; what it was owed is lost
+	 * either way.
+	 */
+	if (evbuffer_get_length(bufferevent_get_output(s->se_client)) > 0 &&
+	    session_client_write(s, bufferevent_getfd(s->se_client)) == -1) {
+		session_client_discard(s);
+		s->se_client_gone = 1;
+	}
 	if (evbuffer_get_length(bufferevent_get_output(s->se_client)) == 0)
 		session_close(s, failed, reason);
 	else
@@ -1278,11 +1300,18 @@ session_new(int fd, struct proxy_config *cfg)
 	bufferevent_setwatermark(s->se_client, EV_WRITE, cfg->max_buffer / 4, 0);
 	/* hold at most one line of early client input until the greeting */
 	bufferevent_setwatermark(s->se_client, EV_READ, 0, cfg->max_line);
-	/* reading during the login notices a client that leaves early */
-	bufferevent_enable(s->se_client, EV_READ | EV_WRITE);
+	/*
+	 * Reading during the login notices a client that leaves early.  Not
+	 * writing: a socket bufferevent polls for writability as soon as its
+	 * write is enabled, even with nothing to write (two epoll_ctl and a
+	 * wake-up per session); what a login that fails says is flushed by
+	 * session_close_flush, which enables it.
+	 */
+	bufferevent_enable(s->se_client, EV_READ);
 	log_debug("session=%lu accepted", s->se_id);
 	if (cfg->auth == UPSTREAM_AUTH_EXCHANGE) {
 		/* the client brings the credential: greet, then wait for it */
+		bufferevent_enable(s->se_client, EV_WRITE);
 		s->se_state = SESSION_AUTHWAIT;
 		evbuffer_add_printf(bufferevent_get_output(s->se_client),
 		    "+OK tpmail POP3 proxy ready (AUTH XOAUTH2)\r\n");
