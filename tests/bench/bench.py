@@ -191,15 +191,26 @@ def other_cpu_share(interval=2.0):
 
 
 def kill_session(sid, sig=signal.SIGKILL):
-    """Signal every process of session ``sid``; returns how many."""
+    """Signal every process of session ``sid``; returns how many.  Each is
+    signalled through a pidfd opened before its session is checked again,
+    so that a pid reused between the listing and the signal (by a process
+    of another session) is never hit."""
     n = 0
     for pid, (_, s, state) in all_procs().items():
-        if s == sid and state != "Z":
-            try:
-                os.kill(pid, sig)
+        if s != sid or state == "Z":
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue                    # gone already
+        try:
+            if int(_stat_fields(pid)[3]) == sid:
+                signal.pidfd_send_signal(fd, sig)
                 n += 1
-            except ProcessLookupError:
-                pass
+        except (OSError, ValueError):
+            pass                        # gone meanwhile: nothing to signal
+        finally:
+            os.close(fd)
     return n
 
 
