@@ -206,7 +206,9 @@ proxy_apply_log_level(json_t *body)
  * A passed trust store.  The supervisor seals the memory file it passes
  * against shrinking: such a one is mapped, its pages shared with every
  * proxy given the same bundle, and cannot be cut under us (a mapping of a
- * file that shrinks faults).  Anything else is read whole.  Fatal if
+ * file that shrinks faults).  Privately: before Linux 6.7 a shared mapping
+ * of a write-sealed memory file is refused even read-only, and pages never
+ * written are shared all the same.  Anything else is read whole.  Fatal if
  * unreadable.
  */
 static void
@@ -223,7 +225,7 @@ proxy_take_ca(int fd)
 	seals = fcntl(fd, F_GET_SEALS);
 	if (seals != -1 && (seals & F_SEAL_SHRINK) && fstat(fd, &st) == 0 &&
 	    st.st_size > 0 && st.st_size <= PARAM_MAX_CA &&
-	    (buf = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, fd, 0)) !=
+	    (buf = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)) !=
 	    MAP_FAILED) {
 		close(fd);
 		if ((pending_trust = trust_new(buf, st.st_size, 1)) == NULL)
@@ -238,7 +240,13 @@ proxy_take_ca(int fd)
 				fatalx("CA store too large");
 			buf = nb;
 		}
-		n = read(fd, buf + len, cap - len);
+		/*
+		 * From the start, whoever moved the shared file offset (the
+		 * supervisor's copy, another proxy's read); read if a pipe.
+		 */
+		n = pread(fd, buf + len, cap - len, (off_t)len);
+		if (n == -1 && errno == ESPIPE)
+			n = read(fd, buf + len, cap - len);
 		if (n == -1 && errno == EINTR)
 			continue;
 		if (n == -1)

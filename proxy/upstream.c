@@ -84,6 +84,7 @@ struct upstream {
 	int			 up_addr;	/* index of the address being tried */
 	int			 up_protocol;	/* failed: the server broke POP3 */
 	enum upstream_state	 up_pipelined;	/* login sent with CAPA, or 0 */
+	int			 up_pipeline_stale; /* its CAPA chose otherwise */
 };
 
 static void	upstream_enter_state(struct upstream *, enum upstream_state);
@@ -572,6 +573,15 @@ upstream_login_rejected(struct upstream *u, const char *line, size_t len)
 		upstream_fail(u, "SYS/TEMP", reason);
 		return;
 	}
+	/*
+	 * The login went out with a CAPA that no longer offers it: the server
+	 * changed, not the credentials.  The next session logs in anew.
+	 */
+	if (u->up_pipeline_stale) {
+		upstream_fail(u, "SYS/TEMP", "the mail server's capabilities "
+		    "changed during the login; the next one adapts");
+		return;
+	}
 	if (pop3_response_code(line, len, code, sizeof(code)) &&
 	    (strcmp(code, "SYS/TEMP") == 0 || strcmp(code, "SYS/PERM") == 0 ||
 	    strcmp(code, "IN-USE") == 0 || strcmp(code, "LOGIN-DELAY") == 0))
@@ -637,8 +647,10 @@ upstream_response(struct upstream *u, const char *line, size_t len)
 		if (u->up_pipelined) {
 			/* the login went out with CAPA: await its replies */
 			if (upstream_choose_login(u) != u->up_pipelined ||
-			    !u->up_pipelining)
+			    !u->up_pipelining) {
 				u->up_cfg->login_pipeline = 0;
+				u->up_pipeline_stale = 1;
+			}
 			log_debug("session=%lu upstream %s -> %s (pipelined)",
 			    session_id(u->up_session),
 			    upstream_strstate(u->up_state),
@@ -875,6 +887,15 @@ upstream_read_cb(struct bufferevent *bev, void *arg)
 		if (!upstream_socks_read(u))
 			return;
 
+	/*
+	 * Over TLS the pipelined login left on a later loop turn than the
+	 * QUICKACK set after queueing it, which that send may have undone:
+	 * acknowledge each reply now, so that the server's next one is not
+	 * held for a delayed ACK.
+	 */
+	if (u->up_pipelined && u->up_tls && u->up_state != UP_READY)
+		(void)setsockopt(bufferevent_getfd(bev), IPPROTO_TCP,
+		    TCP_QUICKACK, &(int){ 1 }, sizeof(int));
 	while (u->up_state != UP_FAILED && u->up_state != UP_READY &&
 	    u->up_state != UP_STLS_HANDSHAKE && u->up_state != UP_TLS_CONNECT) {
 		line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF);

@@ -72,11 +72,13 @@ cashare_copy(int fd, off_t size)
 			w += r;
 		}
 	}
-	if (total != size)		/* changed while we read: take it next time */
-		log_debug("CA file changed while copied (%lld of %lld bytes)",
-		    (long long)total, (long long)size);
+	if (total != size) {
+		errno = EAGAIN;		/* changed while we read */
+		goto fail;
+	}
 	if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
-	    F_SEAL_WRITE | F_SEAL_SEAL) == -1)
+	    F_SEAL_WRITE | F_SEAL_SEAL) == -1 ||
+	    lseek(mfd, 0, SEEK_SET) == -1)	/* for a proxy that reads it */
 		goto fail;
 	return mfd;
 fail:
@@ -115,7 +117,22 @@ cashare_open(const char *path)
 		slot->cs_used = ++uses;
 		return fcntl(slot->cs_fd, F_DUPFD_CLOEXEC, 0);
 	}
-	if ((mfd = cashare_copy(fd, st.st_size)) == -1) {
+	/* a file rewritten while copied is copied again (a few times) */
+	for (i = 0; i < 3; i++) {
+		struct stat	after;
+
+		if ((mfd = cashare_copy(fd, st.st_size)) != -1 &&
+		    fstat(fd, &after) == 0 && after.st_size == st.st_size &&
+		    after.st_mtim.tv_sec == st.st_mtim.tv_sec &&
+		    after.st_mtim.tv_nsec == st.st_mtim.tv_nsec)
+			break;
+		if (mfd != -1)
+			close(mfd);
+		mfd = -1;
+		if (lseek(fd, 0, SEEK_SET) == -1 || fstat(fd, &st) == -1)
+			break;
+	}
+	if (mfd == -1) {
 		/* no memory file: the proxy reads the file itself */
 		log_warn("CA file %s: cannot make a shared copy", path);
 		if (lseek(fd, 0, SEEK_SET) == -1) {

@@ -72,6 +72,20 @@ valid_object_name(const char *s)
 	return isalnum((unsigned char)s[0]) && isalnum((unsigned char)s[n - 1]);
 }
 
+static int
+valid_fragment_name(const char *s)
+{
+	size_t	i, n = strlen(s);
+
+	if (n == 0 || n > 200)
+		return 0;
+	for (i = 0; i < n; i++)
+		if (!(isalnum((unsigned char)s[i]) || s[i] == '-' ||
+		    s[i] == '_' || s[i] == '.'))
+			return 0;
+	return 1;
+}
+
 static const char *const spec_fields[] = {
 	"destinationRef", "destinationServiceInstanceName", "fragmentRef",
 	"chainRef", "service", "accessControl", "actions",
@@ -235,10 +249,15 @@ cr_parse(json_t *doc, const char *source, json_t *rej)
 		    "spec.fragmentRef.level is allowed only with spec.fragmentRef.name");
 		return NULL;
 	}
+	/*
+	 * It travels in an HTTP header (X-Fragment-Name, a comma list): the
+	 * characters of destination names only, no CR/LF, no comma.
+	 */
 	if (frag != NULL && (v = json_object_get(frag, "name")) != NULL &&
-	    (!json_is_string(v) || json_string_value(v)[0] == '\0')) {
+	    (!json_is_string(v) || !valid_fragment_name(json_string_value(v)))) {
 		reject(rej, ns, name, source, REASON_INVALID,
-		    "spec.fragmentRef.name must be a non-empty string");
+		    "spec.fragmentRef.name must be a non-empty string of at most "
+		    "200 letters, digits, '-', '_' and '.'");
 		return NULL;
 	}
 	if (frag != NULL && (v = json_object_get(frag, "level")) != NULL &&

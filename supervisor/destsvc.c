@@ -480,8 +480,8 @@ dest_done(long status, const char *body, size_t len, const char *err,
 		    "answered HTTP %ld (not authorised)", status);
 		return;
 	}
-	if (status == 404 && d->de_fragment != NULL && blames_fragment(body,
-	    len)) {
+	if (status == 404 && d->de_fragment != NULL &&
+	    !d->de_fragment_optional && blames_fragment(body, len)) {
 		json_decref(d->de_result);
 		d->de_result = NULL;
 		dentry_failed(d, "ConfigurationError-ReferencedFragment-NotFound",

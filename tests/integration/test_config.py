@@ -343,6 +343,8 @@ def test_fragment_extends_the_destination(tpmaild_factory, dovecot, mailboxes):
 
 @pytest.mark.parametrize("ref,field", [
     ({"name": ""}, "spec.fragmentRef.name"),
+    ({"name": "a\r\nX-Injected: 1"}, "spec.fragmentRef.name"),
+    ({"name": "a,b"}, "spec.fragmentRef.name"),
     ({"name": "f", "optional": "yes"}, "spec.fragmentRef.optional"),
     ({"name": "f", "level": "galaxy"}, "spec.fragmentRef.level"),
     ({"level": "instance"}, "spec.fragmentRef.level"),

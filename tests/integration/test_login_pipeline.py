@@ -14,7 +14,9 @@ server answered the command in front of it, and check:
   handshake carries the login;
 * a rejected pipelined login fails cleanly with -ERR [AUTH];
 * the answer to a client's CAPA (shared by the sessions of a tenant) still
-  follows a server whose CAPA changed between sessions.
+  follows a server whose CAPA changed between sessions;
+* a server that drops the pipelined mechanism fails that one login as
+  temporary (not as bad credentials), and the next session adapts.
 """
 
 import select
@@ -63,6 +65,7 @@ class Server:
         self.capa = list(capa)
         self.tls = tls
         self.pass_reply = pass_reply
+        self.user_reply = b"+OK\r\n"
         self.sessions = []
         self.lock = threading.Lock()
         self.up = th.ScriptedUpstream(self._script)
@@ -93,7 +96,7 @@ class Server:
                 conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)
                 in_tls = True
             elif cmd == b"USER":
-                conn.send(b"+OK\r\n")
+                conn.send(self.user_reply)
             elif cmd == b"PASS" or cmd == b"AUTH":
                 conn.send(self.pass_reply)
             elif cmd == b"STAT":
@@ -138,6 +141,7 @@ def servers(bins, dovecot, dovecot_cert, tmp_path_factory):
         "stls": Server([b"STLS", b"USER", b"PIPELINING"], tls=dovecot_cert),
         "rejected": Server([b"USER", b"PIPELINING"], pass_reply=b"-ERR [AUTH] no\r\n"),
         "capa": Server([b"USER", b"PIPELINING", b"TOP", b"UIDL"]),
+        "switch": Server([b"USER", b"SASL PLAIN", b"PIPELINING"]),
     }
     extra = {"stls": dict(starttls_enable="true", starttls_required="true",
                           extra={"mail.pop3.ssl.cafile": dovecot.ca_file})}
@@ -249,3 +253,22 @@ def test_client_capa_follows_the_server(servers):
     assert b"TOP" not in changed and b"EXPIRE 30" in changed, changed
     sv.capa = [b"USER", b"PIPELINING", b"TOP", b"UIDL"]
     assert client_capa(servers, "capa") == first
+
+
+def test_server_that_drops_the_pipelined_mechanism(servers):
+    sv = servers.servers["switch"]
+    session(servers, "switch")                     # learns USER, pipelining
+    session(servers, "switch")                     # pipelined
+    assert pipelined(sv.login_of(1)), sv.login_of(1)
+    sv.capa = [b"SASL PLAIN", b"PIPELINING"]       # USER gone
+    sv.user_reply = b"-ERR USER is not offered\r\n"
+    c = Pop3(servers.port("pl-switch"), timeout=20)
+    try:
+        # the pipelined USER was refused: the server changed, not the password
+        assert c.greeting.startswith(b"-ERR [SYS/TEMP]"), c.greeting
+    finally:
+        c.close()
+    session(servers, "switch")                     # AUTH PLAIN, one at a time
+    last = sv.login_of(len(sv.sessions) - 1)
+    assert [cmd for cmd, _, _ in last] == ["CAPA", "AUTH"], last
+    assert not pipelined(last), last
