@@ -30,6 +30,7 @@
 #define DSVC_CACHE_TTL		120	/* SAP's destination cache */
 #define DSVC_TOKEN_MARGIN	60	/* refresh this long before expiry */
 #define DSVC_BACKOFF_MAX	60
+#define DSVC_FORGET		600	/* an entry no CR asked for is dropped */
 
 enum entry_state { ENTRY_IDLE, ENTRY_WAIT_TOKEN, ENTRY_FETCHING };
 
@@ -66,7 +67,8 @@ struct dentry {
 	enum entry_state	 de_state;
 	int			 de_failures;
 	time_t			 de_next_try;
-	int			 de_wanted;	/* used by the last reconcile */
+	time_t			 de_wanted_at;	/* last asked for by a reconcile, */
+	unsigned long		 de_wanted_pass; /* and which one */
 };
 
 /* A client's refresh token or code on its way to an access token. */
@@ -395,8 +397,32 @@ dentry_get(const char *instance, const char *tenant, const struct destref *ref)
 	d->de_level = ref->level ? strdup(ref->level) : NULL;
 	d->de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
 	d->de_fragment_optional = ref->fragment_optional;
+	d->de_wanted_at = time(NULL);
 	TAILQ_INSERT_TAIL(&dentries, d, de_entry);
 	return d;
+}
+
+/*
+ * An entry that two whole reconciles and DSVC_FORGET seconds passed without
+ * asking for: its CR changed (name, level, fragment) or went away.  Time
+ * alone would not do (a quiet system reconciles only when something
+ * changes); passes alone would drop one a CR skipped once.  Not while its
+ * request is out: the request's callback holds it.
+ */
+static void
+dentry_forget(struct dentry *d)
+{
+	log_debug("destination %s (instance %s, tenant %s): no longer used",
+	    d->de_name, d->de_instance, d->de_tenant);
+	TAILQ_REMOVE(&dentries, d, de_entry);
+	free(d->de_instance);
+	free(d->de_tenant);
+	free(d->de_name);
+	free(d->de_level);
+	free(d->de_fragment);
+	json_decref(d->de_result);	/* the allocator wipes its secrets */
+	free(d->de_error);
+	free(d);
 }
 
 /*
@@ -623,7 +649,8 @@ destsvc_lookup(const char *instance, const char *tenant,
 	struct dentry	*d = dentry_get(instance, tenant, ref);
 	time_t		 now = time(NULL);
 
-	d->de_wanted = 1;
+	d->de_wanted_at = time(NULL);
+	d->de_wanted_pass = sup->reconciles;
 	*stale = NULL;
 	/* a reconcile may ask anew once the cache is older than SAP's 2 min */
 	if (d->de_state == ENTRY_IDLE && now >= d->de_next_try &&
@@ -771,6 +798,12 @@ tick_cb(evutil_socket_t fd, short ev, void *arg)
 			token_fetch(t);
 	}
 	TAILQ_FOREACH_SAFE(d, &dentries, de_entry, dn) {
+		if (d->de_state != ENTRY_FETCHING &&
+		    sup->reconciles >= d->de_wanted_pass + 3 &&
+		    now - d->de_wanted_at > DSVC_FORGET) {
+			dentry_forget(d);
+			continue;
+		}
 		if (d->de_state != ENTRY_IDLE || now < d->de_next_try)
 			continue;
 		margin = DSVC_TOKEN_MARGIN;
