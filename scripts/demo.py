@@ -66,7 +66,13 @@ def destinations(dc, example):
 
 
 def status(ctl, control):
-    return json.loads(subprocess.check_output([ctl, "--control", control, "status", "--json"]))
+    """tpmailctl status --json; while tpmaild starts, its "cannot reach"
+    is expected and not shown (wait_for reports the last one on a timeout)."""
+    r = subprocess.run([ctl, "--control", control, "status", "--json"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or "tpmailctl exited with %d" % r.returncode)
+    return json.loads(r.stdout)
 
 
 def seed_session(host, port):
