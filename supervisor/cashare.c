@@ -7,7 +7,10 @@
  * mapping of the CA file itself could be by an edit in place.  A copy is
  * made per version of a file (its inode, size and modification time) and
  * kept while it is the newest; proxies keep the old one mapped until their
- * configuration changes.
+ * configuration changes.  Every CASHARE_CHECK seconds each file copied is
+ * looked at again: one that changed (edited in place, or replaced) and has
+ * then stayed as it is for an interval is dropped from the cache, and its
+ * proxies are sent the new one.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,11 +20,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 #include "log.h"
 #include "supervisor.h"
 
 #define CASHARE_MAX		64		/* files remembered */
 #define CASHARE_MAX_SIZE	(16 * 1024 * 1024)
+#define CASHARE_CHECK		10		/* seconds */
 
 struct cashare {
 	char		*cs_path;
@@ -31,10 +37,13 @@ struct cashare {
 	struct timespec	 cs_mtime;
 	int		 cs_fd;		/* the sealed copy */
 	unsigned long	 cs_used;	/* for eviction: last use */
+	struct stat	 cs_seen;	/* a change seen, not yet acted on */
+	int		 cs_changed;
 };
 
 static struct cashare	cache[CASHARE_MAX];
 static unsigned long	uses;
+static struct event	*check_ev;
 
 static int
 cashare_same(const struct cashare *c, const struct stat *st)
@@ -146,8 +155,9 @@ cashare_open(const char *path)
 		free(slot->cs_path);
 		close(slot->cs_fd);
 	}
-	*slot = (struct cashare){ strdup(path), st.st_dev, st.st_ino,
-	    st.st_size, st.st_mtim, mfd, ++uses };
+	*slot = (struct cashare){ .cs_path = strdup(path), .cs_dev = st.st_dev,
+	    .cs_ino = st.st_ino, .cs_size = st.st_size, .cs_mtime = st.st_mtim,
+	    .cs_fd = mfd, .cs_used = ++uses };
 	if (slot->cs_path == NULL) {
 		close(mfd);
 		slot->cs_fd = -1;
@@ -157,10 +167,57 @@ cashare_open(const char *path)
 	return fcntl(mfd, F_DUPFD_CLOEXEC, 0);
 }
 
+/* Files that changed since they were copied: forget them, tell services. */
+static void
+cashare_check_cb(evutil_socket_t fd, short ev, void *arg)
+{
+	struct stat	 st;
+	char		*path;
+	int		 i;
+
+	for (i = 0; i < CASHARE_MAX; i++) {
+		if (cache[i].cs_path == NULL || stat(cache[i].cs_path, &st) == -1 ||
+		    cashare_same(&cache[i], &st)) {
+			cache[i].cs_changed = 0;
+			continue;	/* unchanged, or gone: the copy stays */
+		}
+		/*
+		 * Acted on once it has not moved for a whole interval: an
+		 * editor writing in place is not caught half way.
+		 */
+		if (!cache[i].cs_changed || cache[i].cs_seen.st_ino != st.st_ino ||
+		    cache[i].cs_seen.st_size != st.st_size ||
+		    cache[i].cs_seen.st_mtim.tv_sec != st.st_mtim.tv_sec ||
+		    cache[i].cs_seen.st_mtim.tv_nsec != st.st_mtim.tv_nsec) {
+			cache[i].cs_seen = st;
+			cache[i].cs_changed = 1;
+			continue;
+		}
+		path = cache[i].cs_path;
+		close(cache[i].cs_fd);
+		cache[i].cs_path = NULL;
+		log_info("CA file %s changed: sending it to its proxies", path);
+		services_ca_changed(path);
+		free(path);
+	}
+}
+
+void
+cashare_start(void)
+{
+	check_ev = event_new(sup->base, -1, EV_PERSIST, cashare_check_cb, NULL);
+	if (check_ev != NULL)
+		event_add(check_ev, &(struct timeval){ CASHARE_CHECK, 0 });
+}
+
 void
 cashare_clear(void)
 {
 	int	i;
+
+	if (check_ev != NULL)
+		event_free(check_ev);
+	check_ev = NULL;
 
 	for (i = 0; i < CASHARE_MAX; i++) {
 		if (cache[i].cs_path == NULL)

@@ -551,6 +551,24 @@ service_update(struct service *sv, json_t *config, const char *ca)
 		service_start(sv);
 }
 
+/*
+ * A CA file changed on disk (cashare.c): running proxies that trust it get
+ * it again, with their configuration, as for any update; new sessions use
+ * it, open ones keep theirs.
+ */
+void
+services_ca_changed(const char *path)
+{
+	struct service	*sv;
+
+	TAILQ_FOREACH(sv, &sup->services, sv_entry)
+		if (sv->sv_ca != NULL && strcmp(sv->sv_ca, path) == 0 &&
+		    sv->sv_state == SERVICE_RUNNING && !sv->sv_remove &&
+		    service_send_ca(sv) == 0 &&
+		    service_send(sv, MSG_UPDATE, sv->sv_config, -1) == 0)
+			log_info("service %s: CA file updated", sv->sv_key);
+}
+
 /* Remove a service: drain its proxy, free it once reaped. */
 void
 service_stop(struct service *sv)

@@ -256,6 +256,7 @@ main(int argc, char *argv[])
 	json_array_foreach(sup->st.resolve, ri, rv)
 		httpc_add_resolve(json_string_value(rv));
 	destsvc_start();
+	cashare_start();
 	control_start();
 	supervisor_drop_privileges();
 	if (sup->st.kubernetes)
@@ -278,10 +279,10 @@ main(int argc, char *argv[])
 		event_free(sigs[i]);
 	if (stop_timer != NULL)
 		event_free(stop_timer);
+	cashare_clear();	/* its timer belongs to the base */
 	event_base_free(sup->base);
 	json_decref(sup->rejected);
 	json_decref(sup->destinations);
 	json_decref(sup->ports);
-	cashare_clear();
 	return 0;
 }

@@ -233,9 +233,11 @@ int	 services_alive(void);
 int	 services_port_in_use(int);
 void	 service_note_error(struct service *, const char *);
 void	 services_set_log_level(int);
+void	 services_ca_changed(const char *path);
 
 /* cashare.c: a CA file as a sealed memory file the proxies share */
 int	 cashare_open(const char *path);
+void	 cashare_start(void);
 void	 cashare_clear(void);
 
 /* ports.c */

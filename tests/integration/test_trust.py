@@ -9,7 +9,10 @@ a real one (the system's, plus the test CA), given with --system-ca:
 * the tenants map one and the same sealed copy (one inode in /proc/PID/maps);
 * an edit in place of the CA file (truncated, then rewritten shorter) does
   not reach a running proxy's mapping: it keeps serving, not a SIGBUS;
-* a bundle without the server's CA still refuses the server.
+* a bundle without the server's CA still refuses the server;
+* a CA file that changes on disk reaches the running proxies (tpmaild looks
+  at its files every 10 s): removing the server's CA makes new logins
+  fail, putting it back makes them work, with no proxy restarted.
 """
 
 import os
@@ -105,3 +108,35 @@ def test_bundle_without_the_servers_ca_refuses_it(tpmaild_factory, dovecot, mail
         assert c.greeting.startswith(b"-ERR [SYS/TEMP]"), c.greeting
     wait_for(lambda: "certificate verification failed" in t.log_text(), 10,
              what="the verification failure in the log")
+
+
+def test_ca_file_change_reaches_running_proxies(tpmaild_factory, dovecot, mailboxes, tmp_path):
+    path = bundle(dovecot, tmp_path)
+    with open(path) as f:
+        good = f.read()
+    without = open(bundle(dovecot, tmp_path, with_test_ca=False)).read()
+    tenants = {"tenant-a": "tenant-a-user"}
+    t = tpmaild_factory(crs={"s.yaml": th.cr("s", "dest-s", tenants=list(tenants))},
+                        destinations=pop3s_dests(dovecot, tenants),
+                        args=["--system-ca", path], expect=["s-tenant-a"])
+    port = t.port("s-tenant-a")
+    pid = t.services()["s-tenant-a"]["pid"]
+    assert retr_first(port) == mailboxes["tenant-a-user"][0]
+
+    def greeting():
+        with Pop3(port) as c:
+            return c.greeting
+    with open(path, "w") as f:                     # edited in place
+        f.write(without)
+    wait_for(lambda: greeting().startswith(b"-ERR [SYS/TEMP]"), 40, interval=1,
+             what="logins to fail once the server's CA is gone from the file")
+    tmp = path + ".new"                            # replaced, as tools do
+    with open(tmp, "w") as f:
+        f.write(good)
+    os.rename(tmp, path)
+    wait_for(lambda: greeting().startswith(b"+OK"), 40, interval=1,
+             what="logins to work again once the CA is back")
+    assert retr_first(port) == mailboxes["tenant-a-user"][0]
+    s = t.services()["s-tenant-a"]
+    assert s["pid"] == pid and s["restarts"] == 0, s
+    assert "CA file %s changed" % path in t.log_text()
