@@ -244,24 +244,49 @@ upstream_send_apop(struct upstream *u)
 	upstream_send_secret(u, line, n);
 }
 
-static void
-upstream_send_plain(struct upstream *u)
+/* SASL PLAIN's message (RFC 4616): authzid empty, authcid, password. */
+static char *
+plain_message(struct upstream *u, size_t *len)
 {
 	size_t	 ul = strlen(u->up_cfg->user), pl = strlen(u->up_cfg->password);
 	char	*msg = malloc(ul + pl + 2);
+
+	if (msg == NULL)
+		return NULL;
+	msg[0] = '\0';
+	memcpy(msg + 1, u->up_cfg->user, ul);
+	msg[ul + 1] = '\0';
+	memcpy(msg + ul + 2, u->up_cfg->password, pl);
+	*len = ul + pl + 2;
+	return msg;
+}
+
+static void
+upstream_send_plain(struct upstream *u)
+{
+	size_t	 len;
+	char	*msg = plain_message(u, &len);
 
 	if (msg == NULL) {
 		upstream_fail(u, "SYS/TEMP", "out of memory");
 		return;
 	}
-	/* authzid empty, authcid, password (RFC 4616) */
-	msg[0] = '\0';
-	memcpy(msg + 1, u->up_cfg->user, ul);
-	msg[ul + 1] = '\0';
-	memcpy(msg + ul + 2, u->up_cfg->password, pl);
-	upstream_send_b64(u, "AUTH PLAIN ", msg, ul + pl + 2);
-	secret_wipe(msg, ul + pl + 2);
+	upstream_send_b64(u, "AUTH PLAIN ", msg, len);
+	secret_wipe(msg, len);
 	free(msg);
+}
+
+/*
+ * Have what the server sends acknowledged at once (the kernel otherwise
+ * delays an ACK up to 40 ms when we send nothing back).  A server that
+ * leaves Nagle's algorithm on (Dovecot does) holds each pipelined reply
+ * after the first until that one is acknowledged.
+ */
+static void
+upstream_quickack(struct upstream *u)
+{
+	(void)setsockopt(bufferevent_getfd(u->up_bev), IPPROTO_TCP,
+	    TCP_QUICKACK, &(int){ 1 }, sizeof(int));
 }
 
 /* XOAUTH2: user=U^Aauth=Bearer T^A^A; OAUTHBEARER (RFC 7628): n,a=U,^A... */
@@ -347,25 +372,20 @@ static void
 upstream_send_capa_login(struct upstream *u, enum upstream_state login)
 {
 	const char	*user = u->up_cfg->user, *pass = u->up_cfg->password;
-	size_t		 ul = strlen(user), pl = strlen(pass), n;
+	size_t		 n, ml;
 	char		*line, *msg, *b = NULL;
 
 	if (login == UP_AUTH_PLAIN) {
-		/* authzid empty, authcid, password (RFC 4616) */
-		if ((msg = malloc(ul + pl + 2)) == NULL)
+		if ((msg = plain_message(u, &ml)) == NULL)
 			goto oom;
-		msg[0] = '\0';
-		memcpy(msg + 1, user, ul);
-		msg[ul + 1] = '\0';
-		memcpy(msg + ul + 2, pass, pl);
-		b = base64(msg, ul + pl + 2);
-		secret_wipe(msg, ul + pl + 2);
+		b = base64(msg, ml);
+		secret_wipe(msg, ml);
 		free(msg);
 		if (b == NULL)
 			goto oom;
 		n = strlen(b) + 24;
 	} else
-		n = ul + pl + 24;
+		n = strlen(user) + strlen(pass) + 24;
 	if ((line = malloc(n)) == NULL) {
 		if (b != NULL)
 			secret_free(b);
@@ -379,14 +399,8 @@ upstream_send_capa_login(struct upstream *u, enum upstream_state login)
 		    pass);
 	u->up_pipelined = login;
 	upstream_send_secret(u, line, n);
-	/*
-	 * The replies now come with nothing sent back in between: have them
-	 * acknowledged at once.  A server that leaves Nagle's algorithm on
-	 * (Dovecot does) holds each reply after the first until that one is
-	 * acknowledged, and a delayed ACK takes 40 ms.
-	 */
-	(void)setsockopt(bufferevent_getfd(u->up_bev), IPPROTO_TCP,
-	    TCP_QUICKACK, &(int){ 1 }, sizeof(int));
+	/* the replies now come with nothing sent back in between */
+	upstream_quickack(u);
 	return;
 oom:
 	upstream_fail(u, "SYS/TEMP", "out of memory");
@@ -894,8 +908,7 @@ upstream_read_cb(struct bufferevent *bev, void *arg)
 	 * held for a delayed ACK.
 	 */
 	if (u->up_pipelined && u->up_tls && u->up_state != UP_READY)
-		(void)setsockopt(bufferevent_getfd(bev), IPPROTO_TCP,
-		    TCP_QUICKACK, &(int){ 1 }, sizeof(int));
+		upstream_quickack(u);
 	while (u->up_state != UP_FAILED && u->up_state != UP_READY &&
 	    u->up_state != UP_STLS_HANDSHAKE && u->up_state != UP_TLS_CONNECT) {
 		line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF);

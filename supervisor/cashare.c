@@ -31,10 +31,7 @@
 
 struct cashare {
 	char		*cs_path;
-	dev_t		 cs_dev;
-	ino_t		 cs_ino;
-	off_t		 cs_size;
-	struct timespec	 cs_mtime;
+	struct stat	 cs_st;		/* the version copied */
 	int		 cs_fd;		/* the sealed copy */
 	unsigned long	 cs_used;	/* for eviction: last use */
 	struct stat	 cs_seen;	/* a change seen, not yet acted on */
@@ -45,13 +42,14 @@ static struct cashare	cache[CASHARE_MAX];
 static unsigned long	uses;
 static struct event	*check_ev;
 
+/* One version of a file: the same inode, size and modification time. */
 static int
-cashare_same(const struct cashare *c, const struct stat *st)
+same_version(const struct stat *a, const struct stat *b)
 {
-	return c->cs_dev == st->st_dev && c->cs_ino == st->st_ino &&
-	    c->cs_size == st->st_size &&
-	    c->cs_mtime.tv_sec == st->st_mtim.tv_sec &&
-	    c->cs_mtime.tv_nsec == st->st_mtim.tv_nsec;
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
+	    a->st_size == b->st_size &&
+	    a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
+	    a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
 }
 
 /* A sealed copy of what fd holds (size bytes); -1 with errno. */
@@ -121,7 +119,7 @@ cashare_open(const char *path)
 			slot = c;
 	}
 	if (slot->cs_path != NULL && strcmp(slot->cs_path, path) == 0 &&
-	    cashare_same(slot, &st)) {
+	    same_version(&slot->cs_st, &st)) {
 		close(fd);
 		slot->cs_used = ++uses;
 		return fcntl(slot->cs_fd, F_DUPFD_CLOEXEC, 0);
@@ -131,9 +129,7 @@ cashare_open(const char *path)
 		struct stat	after;
 
 		if ((mfd = cashare_copy(fd, st.st_size)) != -1 &&
-		    fstat(fd, &after) == 0 && after.st_size == st.st_size &&
-		    after.st_mtim.tv_sec == st.st_mtim.tv_sec &&
-		    after.st_mtim.tv_nsec == st.st_mtim.tv_nsec)
+		    fstat(fd, &after) == 0 && same_version(&after, &st))
 			break;
 		if (mfd != -1)
 			close(mfd);
@@ -155,8 +151,7 @@ cashare_open(const char *path)
 		free(slot->cs_path);
 		close(slot->cs_fd);
 	}
-	*slot = (struct cashare){ .cs_path = strdup(path), .cs_dev = st.st_dev,
-	    .cs_ino = st.st_ino, .cs_size = st.st_size, .cs_mtime = st.st_mtim,
+	*slot = (struct cashare){ .cs_path = strdup(path), .cs_st = st,
 	    .cs_fd = mfd, .cs_used = ++uses };
 	if (slot->cs_path == NULL) {
 		close(mfd);
@@ -177,7 +172,7 @@ cashare_check_cb(evutil_socket_t fd, short ev, void *arg)
 
 	for (i = 0; i < CASHARE_MAX; i++) {
 		if (cache[i].cs_path == NULL || stat(cache[i].cs_path, &st) == -1 ||
-		    cashare_same(&cache[i], &st)) {
+		    same_version(&cache[i].cs_st, &st)) {
 			cache[i].cs_changed = 0;
 			continue;	/* unchanged, or gone: the copy stays */
 		}
@@ -185,10 +180,8 @@ cashare_check_cb(evutil_socket_t fd, short ev, void *arg)
 		 * Acted on once it has not moved for a whole interval: an
 		 * editor writing in place is not caught half way.
 		 */
-		if (!cache[i].cs_changed || cache[i].cs_seen.st_ino != st.st_ino ||
-		    cache[i].cs_seen.st_size != st.st_size ||
-		    cache[i].cs_seen.st_mtim.tv_sec != st.st_mtim.tv_sec ||
-		    cache[i].cs_seen.st_mtim.tv_nsec != st.st_mtim.tv_nsec) {
+		if (!cache[i].cs_changed ||
+		    !same_version(&cache[i].cs_seen, &st)) {
 			cache[i].cs_seen = st;
 			cache[i].cs_changed = 1;
 			continue;

@@ -156,35 +156,27 @@ static const char *const known_props[] = {
 	return NULL;						\
 } while (0)
 
-/* Destination `name` of `tenant` in the destinations file, or NULL. */
-json_t *
-destination_find(json_t *dests, const char *tenant, const char *name)
+/* The last entry of `tenant` whose `key` ("Name", "FragmentName") is `name`. */
+static json_t *
+entry_find(json_t *dests, const char *tenant, const char *key,
+    const char *name)
 {
-	json_t	*arr, *v, *d = NULL;
-	size_t	 i;
+	json_t		*v, *d = NULL;
+	const char	*n;
+	size_t		 i;
 
-	arr = json_object_get(dests, tenant);
-	json_array_foreach(arr, i, v)
-		if (json_string_value(json_object_get(v, "Name")) != NULL &&
-		    strcmp(json_string_value(json_object_get(v, "Name")),
-		    name) == 0)
+	json_array_foreach(json_object_get(dests, tenant), i, v)
+		if ((n = json_string_value(json_object_get(v, key))) != NULL &&
+		    strcmp(n, name) == 0)
 			d = v;
 	return d;
 }
 
-/* Fragment `name` of `tenant` in the destinations file, or NULL. */
-static json_t *
-fragment_find(json_t *dests, const char *tenant, const char *name)
+/* Destination `name` of `tenant` in the destinations file, or NULL. */
+json_t *
+destination_find(json_t *dests, const char *tenant, const char *name)
 {
-	json_t		*v, *d = NULL;
-	const char	*f;
-	size_t		 i;
-
-	json_array_foreach(json_object_get(dests, tenant), i, v)
-		if ((f = json_string_value(json_object_get(v, "FragmentName"))) !=
-		    NULL && strcmp(f, name) == 0)
-			d = v;
-	return d;
+	return entry_find(dests, tenant, "Name", name);
 }
 
 /*
@@ -219,8 +211,8 @@ destination_resolve(json_t *dests, const char *tenant, const char *name,
 	if (d == NULL)
 		FAIL(R_NOTFOUND, "Technical connectivity is not configured. "
 		    "Destination \"%s\" not found for tenant \"%s\"", name, tenant);
-	if (fragment == NULL || ((f = fragment_find(dests, tenant, fragment)) ==
-	    NULL && fragment_optional))
+	if (fragment == NULL || ((f = entry_find(dests, tenant,
+	    "FragmentName", fragment)) == NULL && fragment_optional))
 		return destination_translate(d, NULL, NULL, st, reason, msg,
 		    msgsz);
 	if (f == NULL)

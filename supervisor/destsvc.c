@@ -376,6 +376,29 @@ opt_equal(const char *a, const char *b)
 	    (a != NULL && b != NULL && strcmp(a, b) == 0);
 }
 
+/* What names an entry: for a polled one, and for an exchange's request. */
+static void
+dentry_set_names(struct dentry *d, const char *instance, const char *tenant,
+    const struct destref *ref)
+{
+	d->de_instance = strdup(instance);
+	d->de_tenant = strdup(tenant);
+	d->de_name = strdup(ref->name);
+	d->de_level = ref->level ? strdup(ref->level) : NULL;
+	d->de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
+	d->de_fragment_optional = ref->fragment_optional;
+}
+
+static void
+dentry_free_names(struct dentry *d)
+{
+	free(d->de_instance);
+	free(d->de_tenant);
+	free(d->de_name);
+	free(d->de_level);
+	free(d->de_fragment);
+}
+
 static struct dentry *
 dentry_get(const char *instance, const char *tenant, const struct destref *ref)
 {
@@ -391,12 +414,7 @@ dentry_get(const char *instance, const char *tenant, const struct destref *ref)
 			return d;
 	if ((d = calloc(1, sizeof(*d))) == NULL)
 		fatal("calloc");
-	d->de_instance = strdup(instance);
-	d->de_tenant = strdup(tenant);
-	d->de_name = strdup(ref->name);
-	d->de_level = ref->level ? strdup(ref->level) : NULL;
-	d->de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
-	d->de_fragment_optional = ref->fragment_optional;
+	dentry_set_names(d, instance, tenant, ref);
 	d->de_wanted_at = time(NULL);
 	TAILQ_INSERT_TAIL(&dentries, d, de_entry);
 	return d;
@@ -415,11 +433,7 @@ dentry_forget(struct dentry *d)
 	log_debug("destination %s (instance %s, tenant %s): no longer used",
 	    d->de_name, d->de_instance, d->de_tenant);
 	TAILQ_REMOVE(&dentries, d, de_entry);
-	free(d->de_instance);
-	free(d->de_tenant);
-	free(d->de_name);
-	free(d->de_level);
-	free(d->de_fragment);
+	dentry_free_names(d);
 	json_decref(d->de_result);	/* the allocator wipes its secrets */
 	free(d->de_error);
 	free(d);
@@ -695,11 +709,7 @@ destsvc_connectivity_token(const char *tenant, const char **jwt, char *msg,
 static void
 exchange_free(struct exchange *x)
 {
-	free(x->ex_dest.de_instance);
-	free(x->ex_dest.de_tenant);
-	free(x->ex_dest.de_name);
-	free(x->ex_dest.de_level);
-	free(x->ex_dest.de_fragment);
+	dentry_free_names(&x->ex_dest);
 	free(x->ex_kind);
 	secret_free(x->ex_value);
 	free(x);
@@ -758,12 +768,7 @@ destsvc_exchange(const char *instance, const char *tenant,
 	}
 	if ((x = calloc(1, sizeof(*x))) == NULL)
 		fatal("calloc");
-	x->ex_dest.de_instance = strdup(instance);
-	x->ex_dest.de_tenant = strdup(tenant);
-	x->ex_dest.de_name = strdup(ref->name);
-	x->ex_dest.de_level = ref->level ? strdup(ref->level) : NULL;
-	x->ex_dest.de_fragment = ref->fragment ? strdup(ref->fragment) : NULL;
-	x->ex_dest.de_fragment_optional = ref->fragment_optional;
+	dentry_set_names(&x->ex_dest, instance, tenant, ref);
 	x->ex_kind = strdup(kind);
 	x->ex_value = strdup(value);
 	x->ex_cb = cb;
